@@ -1,0 +1,241 @@
+"""FreeAdversarialModel and PGDAdversarialModel against hand-written references."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_free import FreeAdversarialModel, PGDAdversarialModel
+
+EPSILON = 0.1
+LR, MOMENTUM = 0.05, 0.9
+IMAGE_SHAPE = (8, 8, 1)
+
+
+def make_base(seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input(IMAGE_SHAPE),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
+def make_batches(sizes, seed=1):
+    rng = np.random.default_rng(seed)
+    return [
+        (rng.uniform(size=(n, *IMAGE_SHAPE)).astype("float32"), rng.integers(0, 3, n))
+        for n in sizes
+    ]
+
+
+def as_dataset(batches):
+    x = np.concatenate([b[0] for b in batches])
+    y = np.concatenate([b[1] for b in batches])
+    sizes = [len(b[1]) for b in batches]
+    assert len(set(sizes[:-1])) <= 1, "only the last batch may be short"
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(sizes[0])
+
+
+def compile_model(model, jit_compile=False):
+    model.compile(
+        optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile=jit_compile,
+    )
+    return model
+
+
+def reference_free(base, batches, *, epsilon, replays, step_size, warm_start=True):
+    """Alg. 2 with plain GradientTapes and a hand-written SGD with momentum."""
+    weights = [tf.Variable(w) for w in base.trainable_weights]
+    velocity = [tf.zeros_like(w) for w in weights]
+    capacity = len(batches[0][1])
+    delta = tf.zeros((capacity, *IMAGE_SHAPE))
+    losses = []
+    for x, y in batches:
+        x = tf.constant(x)
+        n = len(y)
+        if not warm_start:
+            delta = tf.zeros_like(delta)
+        for _ in range(replays):
+            d = delta[:n]
+            with tf.GradientTape() as tape:
+                tape.watch(d)
+                logits = base(tf.clip_by_value(x + d, 0.0, 1.0))
+                loss = tf.reduce_mean(
+                    tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+                )
+            grads, d_grad = tape.gradient(loss, [base.trainable_weights, d])
+            # Keras SGD: v <- momentum * v - lr * g; w <- w + v.
+            velocity = [MOMENTUM * v - LR * g for v, g in zip(velocity, grads)]
+            for w, v in zip(base.trainable_weights, velocity):
+                w.assign_add(v)
+            d = tf.clip_by_value(d + step_size * tf.sign(d_grad), -epsilon, epsilon)
+            d = tf.clip_by_value(x + d, 0.0, 1.0) - x
+            delta = tf.concat([d, delta[n:]], axis=0)
+            losses.append(float(loss))
+    del weights
+    return [w.numpy() for w in base.trainable_weights], delta.numpy(), losses
+
+
+def train_free(batches, *, epsilon=EPSILON, replays=3, step_size=None, jit_compile=False):
+    model = FreeAdversarialModel(make_base(), epsilon=epsilon, replays=replays, step_size=step_size)
+    compile_model(model, jit_compile)
+    history = model.fit(as_dataset(batches), epochs=1, verbose=0, shuffle=False)
+    return model, history
+
+
+@pytest.mark.parametrize("sizes", [(16, 16), (16, 16, 6)], ids=["two_batches", "short_last"])
+def test_fit_matches_handwritten_alg2(sizes):
+    batches = make_batches(sizes)
+    model, _ = train_free(batches, replays=3)
+    ref_weights, ref_delta, _ = reference_free(
+        make_base(), batches, epsilon=EPSILON, replays=3, step_size=EPSILON
+    )
+    for got, want in zip(model.get_weights(), ref_weights):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.perturbation.numpy(), ref_delta, rtol=1e-5, atol=1e-6)
+    assert int(model.optimizer.iterations) == 3 * len(sizes)  # one step per replay
+    assert np.abs(ref_delta).max() > 0.5 * EPSILON  # δ actually moved
+
+
+def test_delta_is_warm_started_not_reset():
+    batches = make_batches((16, 16))
+    model, _ = train_free(batches)
+    _, reset_delta, _ = reference_free(
+        make_base(), batches, epsilon=EPSILON, replays=3, step_size=EPSILON, warm_start=False
+    )
+    _, warm_delta, _ = reference_free(
+        make_base(), batches, epsilon=EPSILON, replays=3, step_size=EPSILON
+    )
+    assert not np.allclose(reset_delta, warm_delta)
+    np.testing.assert_allclose(model.perturbation.numpy(), warm_delta, rtol=1e-5, atol=1e-6)
+
+
+def test_delta_stays_in_eps_ball_and_image_box():
+    batches = make_batches((16, 16, 16), seed=3)
+    # A large step pushes δ against both constraints.
+    model, _ = train_free(batches, epsilon=0.3, replays=4, step_size=0.25)
+    delta = model.perturbation.numpy()
+    assert np.abs(delta).max() <= 0.3 + 1e-6
+    x_last = batches[-1][0]
+    assert (x_last + delta).min() >= -1e-6 and (x_last + delta).max() <= 1 + 1e-6
+    assert np.isclose(np.abs(delta).max(), 0.3, atol=1e-6)  # the ball's edge is reached
+
+
+def test_reported_loss_is_the_mean_of_last_replays():
+    batches = make_batches((16, 16))
+    _, history = train_free(batches, replays=2)
+    _, _, ref_losses = reference_free(
+        make_base(), batches, epsilon=EPSILON, replays=2, step_size=EPSILON
+    )
+    # Keras averages the per-batch loss over the epoch, weighted by batch size;
+    # each batch reports its last replay.
+    np.testing.assert_allclose(history.history["loss"][0], np.mean(ref_losses[1::2]), rtol=1e-5)
+
+
+def test_epsilon_zero_is_natural_training_with_replay():
+    batches = make_batches((16, 16))
+    free, _ = train_free(batches, epsilon=0.0, replays=3)
+    natural = compile_model(make_base())
+    replayed = [b for b in batches for _ in range(3)]
+    natural.fit(as_dataset(replayed), epochs=1, verbose=0, shuffle=False)
+    for got, want in zip(free.get_weights(), natural.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.any(free.perturbation.numpy())
+
+
+def test_xla_matches_no_xla():
+    batches = make_batches((16, 16, 6))
+    eager_graph, h1 = train_free(batches, jit_compile=False)
+    xla, h2 = train_free(batches, jit_compile=True)
+    assert xla.jit_compile
+    for got, want in zip(xla.get_weights(), eager_graph.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        xla.perturbation.numpy(), eager_graph.perturbation.numpy(), atol=1e-6
+    )
+    np.testing.assert_allclose(h1.history["loss"], h2.history["loss"], rtol=1e-5)
+
+
+def test_mirrored_two_replicas_match_one_device():
+    batches = make_batches((16, 16))
+    single, single_history = train_free(batches)
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+    with strategy.scope():
+        model = FreeAdversarialModel(make_base(), epsilon=EPSILON, replays=3)
+        compile_model(model)
+    history = model.fit(as_dataset(batches), epochs=1, verbose=0, shuffle=False)
+    for got, want in zip(model.get_weights(), single.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(history.history["loss"], single_history.history["loss"], rtol=1e-5)
+    # Each replica keeps its own δ for its half of the global batch.
+    per_replica = [d.numpy() for d in strategy.experimental_local_results(model.perturbation)]
+    assert [d.shape[0] for d in per_replica] == [8, 8]
+    np.testing.assert_allclose(
+        np.concatenate(per_replica), single.perturbation.numpy(), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_pgd_model_matches_handwritten_alg1():
+    ((x, y),) = make_batches((16,))
+    model = PGDAdversarialModel(
+        make_base(), epsilon=EPSILON, steps=3, step_size=0.04, random_start=False
+    )
+    compile_model(model)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    base = make_base()
+    # K-step PGD (no random start) with plain tapes, then one SGD step.
+    adv = tf.constant(x)
+    best = adv
+    for _ in range(3):
+        with tf.GradientTape() as tape:
+            tape.watch(adv)
+            loss = tf.reduce_sum(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=base(adv))
+            )
+        adv = tf.clip_by_value(
+            adv + 0.04 * tf.sign(tape.gradient(loss, adv)), x - EPSILON, x + EPSILON
+        )
+        adv = tf.clip_by_value(adv, 0.0, 1.0)
+    best = adv
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=base(best))
+        )
+    grads = tape.gradient(loss, base.trainable_weights)
+    for w, g in zip(base.trainable_weights, grads):
+        w.assign_sub(LR * g)
+    # pgd keeps, per example, the strongest iterate; on this untrained model
+    # the loss rises monotonically along the path, so that is the last one.
+    for got, want in zip(model.get_weights(), base.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(epsilon=-0.1, replays=2), "epsilon"),
+        (dict(epsilon=0.1, replays=0), "replays"),
+        (dict(epsilon=0.1, replays=2.5), "replays"),
+        (dict(epsilon=0.1, replays=2, step_size=0.0), "step_size"),
+        (dict(epsilon=0.1, replays=2, clip_min=1.0, clip_max=0.0), "clip_min"),
+    ],
+)
+def test_bad_arguments_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FreeAdversarialModel(make_base(), **kwargs)
+
+
+def test_larger_batch_than_delta_is_a_clear_error():
+    batches = make_batches((8, 8))
+    model, _ = train_free(batches)
+    before = model.perturbation.numpy().copy()
+    with pytest.raises(ValueError, match="cannot take per-replica batches"):
+        model.fit(as_dataset(make_batches((16, 16))), epochs=1, verbose=0)
+    np.testing.assert_array_equal(model.perturbation.numpy(), before)
