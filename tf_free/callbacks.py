@@ -1,0 +1,114 @@
+"""Keras callbacks: robustness metrics and adversarial images to TensorBoard."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_free import attacks
+
+
+class RobustnessEvaluation(keras.callbacks.Callback):
+    """Every `every` epochs: clean and PGD-K accuracy on a validation subset.
+
+    Writes to `<log_dir>/robustness` (next to the `train`/`validation` runs of
+    `keras.callbacks.TensorBoard`), with the epoch as step, like Keras's own
+    epoch summaries:
+      - `robustness/clean_accuracy`, `robustness/pgd{K}_accuracy`;
+      - `robustness/wall_time_minutes` since training began, and
+        `robustness/iterations` (optimizer steps; free training counts replays);
+      - `adversarial_examples`: the first images, clean next to attacked.
+    The accuracies are also added to the epoch's `logs` (`val_clean_accuracy`,
+    `val_pgd{K}_accuracy`), so History, CSVLogger and checkpoints see them.
+    """
+
+    def __init__(
+        self,
+        dataset: tf.data.Dataset,
+        *,
+        log_dir: str,
+        epsilon: float,
+        step_size: float,
+        steps: int,
+        every: int = 1,
+        num_images: int = 8,
+        seed: int = 0,
+        verbose: bool = True,
+    ):
+        super().__init__()
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.dataset = dataset
+        self.epsilon, self.step_size, self.steps = epsilon, step_size, steps
+        self.every = every
+        self.num_images = num_images
+        self.seed = seed
+        self.verbose = verbose
+        self.writer = tf.summary.create_file_writer(os.path.join(log_dir, "robustness"))
+        self._start = None
+
+    @property
+    def pgd_name(self):
+        return f"pgd{self.steps}"
+
+    def on_train_begin(self, logs=None):
+        self._start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        last_epoch = epoch + 1 == self.params.get("epochs")
+        if (epoch + 1) % self.every and not last_epoch:
+            return
+        results = self.evaluate()
+        if logs is not None:
+            logs.update({f"val_{k}": v for k, v in results.items()})
+        minutes = (time.time() - self._start) / 60
+        with self.writer.as_default(step=epoch + 1):
+            for name, value in results.items():
+                tf.summary.scalar(f"robustness/{name}", value)
+            tf.summary.scalar("robustness/wall_time_minutes", minutes)
+            tf.summary.scalar("robustness/iterations", int(self.model.optimizer.iterations))
+            self._write_images()
+        self.writer.flush()
+        if self.verbose:
+            print(
+                f"\nepoch {epoch + 1}: clean {results['clean_accuracy']:.4f}, "
+                f"PGD-{self.steps} {results[self.pgd_name + '_accuracy']:.4f} "
+                f"(ε={self.epsilon:.4g}), {minutes:.1f} min"
+            )
+
+    def evaluate(self) -> dict[str, float]:
+        model = self.model
+        clean = attacks.accuracy_under_attack(model, self.dataset, verbose=False)
+        robust = attacks.accuracy_under_attack(
+            model, self.dataset, attacks.pgd, verbose=False, **self._pgd_kwargs()
+        )
+        return {"clean_accuracy": clean, f"{self.pgd_name}_accuracy": robust}
+
+    def _pgd_kwargs(self):
+        return dict(
+            epsilon=self.epsilon, step_size=self.step_size, steps=self.steps, seed=self.seed
+        )
+
+    def _write_images(self):
+        images, labels = next(iter(self.dataset.unbatch().batch(self.num_images)))
+        adversarial = attacks.pgd(self.model, images, labels, **self._pgd_kwargs())
+        # One row per example: clean | adversarial | perturbation (rescaled).
+        delta = (adversarial - images) / (2 * self.epsilon) + 0.5 if self.epsilon else images * 0
+        grid = tf.concat([images, adversarial, tf.clip_by_value(delta, 0, 1)], axis=2)
+        tf.summary.image(
+            "adversarial_examples",
+            grid,
+            max_outputs=self.num_images,
+            description=(
+                f"clean | PGD-{self.steps} (ε={self.epsilon:.4g}) | perturbation "
+                "(grey = 0). Predictions: "
+                + ", ".join(
+                    f"{int(y)}→{int(p)}"
+                    for y, p in zip(labels.numpy(), np.argmax(self.model(adversarial), -1))
+                )
+            ),
+        )

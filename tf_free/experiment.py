@@ -1,0 +1,389 @@
+"""One training run: config -> data -> strategy -> fit -> evaluation -> export.
+
+`tf_free.train` parses flags into a `TrainConfig` and calls
+`train_and_evaluate`; tests and scripts call it directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from tf_free import attacks, callbacks, data, export, models
+from tf_free.free import FreeAdversarialModel, PGDAdversarialModel
+
+METHODS = ("free", "pgd", "natural")
+LR_SCHEDULES = ("piecewise", "cosine", "cyclic")
+STRATEGIES = ("auto", "default", "mirrored")
+JIT_CHOICES = ("auto", "true", "false")
+
+
+class ConfigError(ValueError):
+    """A bad setting, reported before any work starts."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a run needs. ε and step sizes are in 0-255 pixel units."""
+
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    method: str = "free"
+    m: int = 8
+    epsilon: float = 25.5
+    step_size: float | None = None
+    pgd_steps: int = 7
+    pgd_step_size: float | None = None
+    epochs: float = 8
+    batch_size: int = 128
+    lr: float = 0.05
+    lr_schedule: str = "cosine"
+    lr_boundaries: tuple[float, ...] = ()
+    lr_decay: float = 0.1
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    model: str = "small_cnn"
+    wrn_depth: int = 34
+    wrn_width: int = 10
+    model_dir: str = "runs/quickstart"
+    export_dir: str | None = None
+    strategy: str = "auto"
+    jit_compile: str = "auto"
+    seed: int = 0
+    eval_every: int = 1
+    eval_examples: int = 1000
+    eval_pgd_steps: int = 20
+    eval_pgd_step_size: float = 2.55
+    train_examples: int | None = None
+    verbose: int = 1
+
+    def validate(self) -> None:
+        """Raises ConfigError for any bad value (no I/O)."""
+        checks = [
+            (self.method in METHODS, f"--method must be one of {METHODS}, got {self.method!r}"),
+            (self.m >= 1, f"--m (replays) must be >= 1, got {self.m}"),
+            (self.epsilon >= 0, f"--epsilon must be >= 0 (0-255 units), got {self.epsilon}"),
+            (
+                self.step_size is None or self.step_size > 0,
+                f"--step_size must be > 0 (0-255 units), got {self.step_size}",
+            ),
+            (self.pgd_steps >= 1, f"--pgd_steps must be >= 1, got {self.pgd_steps}"),
+            (
+                self.pgd_step_size is None or self.pgd_step_size > 0,
+                f"--pgd_step_size must be > 0 (0-255 units), got {self.pgd_step_size}",
+            ),
+            (self.epochs > 0, f"--epochs must be > 0, got {self.epochs}"),
+            (self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (
+                self.lr_schedule in LR_SCHEDULES,
+                f"--lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}",
+            ),
+            (self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
+            (
+                self.model in models.MODELS,
+                f"unknown --model {self.model!r}; choose one of {sorted(models.MODELS)}",
+            ),
+            (
+                self.strategy in STRATEGIES,
+                f"--strategy must be one of {STRATEGIES}, got {self.strategy!r}",
+            ),
+            (
+                self.jit_compile in JIT_CHOICES,
+                f"--jit_compile must be one of {JIT_CHOICES}, got {self.jit_compile!r}",
+            ),
+            (self.eval_every >= 1, f"--eval_every must be >= 1, got {self.eval_every}"),
+            (self.eval_examples >= 1, f"--eval_examples must be >= 1, got {self.eval_examples}"),
+            (self.eval_pgd_steps >= 1, f"--eval_pgd_steps must be >= 1, got {self.eval_pgd_steps}"),
+            (
+                self.train_examples is None or self.train_examples >= 1,
+                f"--train_examples must be >= 1, got {self.train_examples}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def passes(self) -> int:
+        """Passes over the data: the natural-epoch budget / m for free training."""
+        if self.method == "free":
+            return max(1, math.ceil(self.epochs / self.m))
+        return max(1, math.ceil(self.epochs))
+
+    @property
+    def replays(self) -> int:
+        return self.m if self.method == "free" else 1
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def check_model_dir_writable(model_dir: str) -> None:
+    """Raises ConfigError unless `model_dir` exists (or can be made) and takes files."""
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+        probe = os.path.join(model_dir, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--model_dir {model_dir!r} is not writable: {e.strerror}") from e
+
+
+def build_strategy(name: str) -> tf.distribute.Strategy:
+    """`auto` mirrors over all GPUs when there is more than one."""
+    if name == "auto":
+        name = "mirrored" if len(tf.config.list_logical_devices("GPU")) > 1 else "default"
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def resolve_jit(setting: str, strategy: tf.distribute.Strategy) -> bool:
+    """XLA on a single replica (auto or true); off with a log line under tf.distribute."""
+    if setting == "false":
+        return False
+    if strategy.num_replicas_in_sync > 1:
+        # Keras disables XLA under tf.distribute (keras-team/keras#18716, #19005).
+        logging.warning(
+            "XLA is off: Keras does not XLA-compile train steps under tf.distribute "
+            "(%d replicas); training goes on without it.",
+            strategy.num_replicas_in_sync,
+        )
+        return False
+    return True
+
+
+class CyclicLR(keras.optimizers.schedules.LearningRateSchedule):
+    """Triangular one-cycle: 0 -> `peak` at 2/5 of training -> 0 (fast_adversarial's)."""
+
+    def __init__(self, peak, total_steps):
+        self.peak = float(peak)
+        self.total_steps = int(total_steps)
+
+    def __call__(self, step):
+        t = tf.cast(step, tf.float32)
+        up = max(1.0, 0.4 * self.total_steps)
+        down = max(1.0, self.total_steps - up)
+        rate = tf.where(t < up, t / up, tf.maximum(0.0, (self.total_steps - t) / down))
+        return self.peak * rate
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": self.total_steps}
+
+
+def build_lr_schedule(config: TrainConfig, iterations_per_epoch: int, total_iterations: int):
+    """Schedules keyed on optimizer iterations; boundaries given in natural epochs.
+
+    One natural epoch is `iterations_per_epoch` iterations for every method
+    (free training's replays count as iterations), so a boundary in natural
+    epochs falls at the same point of the budget whatever m is.
+    """
+    if config.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(config.lr, total_iterations)
+    if config.lr_schedule == "cyclic":
+        return CyclicLR(config.lr, total_iterations)
+    boundaries = [int(round(b * iterations_per_epoch)) for b in config.lr_boundaries]
+    if not boundaries:
+        return config.lr
+    values = [config.lr * config.lr_decay**i for i in range(len(boundaries) + 1)]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+
+
+def build_model(config: TrainConfig, info) -> tuple[keras.Model, keras.Model]:
+    """Returns (trainable model, base model that maps images to logits)."""
+    kwargs = {"mean": info.mean, "std": info.std}
+    if config.model == "wide_resnet":
+        kwargs.update(depth=config.wrn_depth, width=config.wrn_width)
+    base = models.get_model(config.model, info.image_shape, info.num_classes, **kwargs)
+    epsilon = config.epsilon / 255.0
+    if config.method == "free":
+        step = None if config.step_size is None else config.step_size / 255.0
+        model = FreeAdversarialModel(base, epsilon=epsilon, replays=config.m, step_size=step)
+    elif config.method == "pgd":
+        step = config.pgd_step_size if config.pgd_step_size is not None else 2.5 * config.epsilon
+        if config.pgd_step_size is None:
+            step /= config.pgd_steps  # Madry et al.'s rule: 2.5 ε / K
+        model = PGDAdversarialModel(
+            base, epsilon=epsilon, steps=config.pgd_steps, step_size=step / 255.0
+        )
+    else:
+        model = base
+    return model, base
+
+
+def train_and_evaluate(config: TrainConfig) -> dict:
+    """Trains, evaluates and exports one model; returns the final metrics.
+
+    Everything goes to `config.model_dir`: `config.json`, TensorBoard logs in
+    `logs/`, checkpoints in `checkpoints/`, `results.json`, and the SavedModel
+    in `export/` (or `config.export_dir`).
+    """
+    config.validate()
+    info = data.dataset_info(config.dataset, config.data_dir)
+    data.check_available(config.dataset, config.data_dir)
+    check_model_dir_writable(config.model_dir)
+    strategy = build_strategy(config.strategy)
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise ConfigError(
+            f"--batch_size {config.batch_size} is not divisible by the {replicas} replicas"
+        )
+    jit = resolve_jit(config.jit_compile, strategy)
+    keras.utils.set_random_seed(config.seed)
+
+    train_ds = data.build_dataset(
+        config.dataset,
+        info.train_split,
+        batch_size=config.batch_size,
+        training=True,
+        data_dir=config.data_dir,
+        seed=config.seed,
+        num_examples=config.train_examples,
+    )
+    eval_ds = data.build_dataset(
+        config.dataset,
+        info.eval_split,
+        batch_size=min(config.batch_size, 500),
+        training=False,
+        data_dir=config.data_dir,
+        num_examples=config.eval_examples,
+    )
+    num_train = config.train_examples or info.num_train_examples
+    if config.train_examples:
+        num_train = min(num_train, info.num_train_examples)
+    iterations_per_epoch = math.ceil(num_train / config.batch_size)
+    total_iterations = config.passes * iterations_per_epoch * config.replays
+
+    with strategy.scope():
+        model, base = build_model(config, info)
+        optimizer = keras.optimizers.SGD(
+            build_lr_schedule(config, iterations_per_epoch, total_iterations),
+            momentum=config.momentum,
+            weight_decay=config.weight_decay or None,
+        )
+        model.compile(
+            optimizer=optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+            jit_compile=jit,
+        )
+
+    with open(os.path.join(config.model_dir, "config.json"), "w") as f:
+        f.write(config.to_json())
+    log_dir = os.path.join(config.model_dir, "logs")
+    epsilon = config.epsilon / 255.0
+    robustness = callbacks.RobustnessEvaluation(
+        eval_ds,
+        log_dir=log_dir,
+        epsilon=epsilon,
+        step_size=config.eval_pgd_step_size / 255.0,
+        steps=config.eval_pgd_steps,
+        every=config.eval_every,
+        verbose=bool(config.verbose),
+    )
+    logging.info(
+        "Training %s (%s, m=%d) on %s: %d pass(es) x %d batches x %d replays = %d iterations",
+        config.model,
+        config.method,
+        config.replays,
+        config.dataset,
+        config.passes,
+        iterations_per_epoch,
+        config.replays,
+        total_iterations,
+    )
+    start = time.time()
+    history = model.fit(
+        train_ds,
+        epochs=config.passes,
+        verbose=config.verbose,
+        callbacks=[
+            keras.callbacks.TensorBoard(log_dir=log_dir),
+            robustness,
+            keras.callbacks.ModelCheckpoint(
+                os.path.join(config.model_dir, "checkpoints", "last.weights.h5"),
+                save_weights_only=True,
+            ),
+        ],
+    )
+    train_seconds = time.time() - start
+    final = robustness.evaluate()
+    export_dir = config.export_dir or os.path.join(config.model_dir, "export")
+    export.export_saved_model(base, export_dir)
+    results = {
+        **final,
+        "train_minutes": train_seconds / 60,
+        "iterations": int(model.optimizer.iterations),
+        "train_loss": float(history.history["loss"][-1]),
+        "train_accuracy": float(history.history["accuracy"][-1]),
+        "epsilon": epsilon,
+        "eval_examples": config.eval_examples,
+        "log_dir": os.path.abspath(log_dir),
+        "export_dir": os.path.abspath(export_dir),
+    }
+    with open(os.path.join(config.model_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def evaluate_attacks(logits_fn, dataset, names, *, epsilon, step_size, seed=0, verbose=True):
+    """Accuracy (in %) under each named attack: natural, pgdK, cwK, pgdKxR.
+
+    `pgd20x10` is PGD-20 with 10 random restarts; `cw100` is PGD-100 on the
+    Carlini-Wagner margin loss (the paper's CW-100 column).
+    """
+    results = {}
+    for name in names:
+        kwargs = attack_from_name(name)
+        if kwargs is None:
+            acc = attacks.accuracy_under_attack(logits_fn, dataset, verbose=verbose)
+        else:
+            acc = attacks.accuracy_under_attack(
+                logits_fn,
+                dataset,
+                attacks.pgd,
+                verbose=verbose,
+                epsilon=epsilon,
+                step_size=step_size,
+                seed=seed,
+                **kwargs,
+            )
+        results[name] = 100.0 * acc
+    return results
+
+
+def attack_from_name(name: str):
+    """'natural' -> None; 'pgd20' / 'cw100' / 'pgd20x10' -> pgd keyword arguments."""
+    if name == "natural":
+        return None
+    for prefix, loss in (("pgd", "ce"), ("cw", "cw")):
+        if name.startswith(prefix):
+            steps, _, restarts = name[len(prefix) :].partition("x")
+            if steps.isdigit() and (restarts.isdigit() or not restarts):
+                return {"steps": int(steps), "restarts": int(restarts or 1), "loss": loss}
+    raise ConfigError(
+        f"unknown attack {name!r}: use natural, pgdK, cwK or pgdKxR (K steps, R restarts)"
+    )
+
+
+def to_markdown(rows: list[dict], columns: list[str]) -> str:
+    """A Markdown table shaped like the paper's Table 1."""
+    header = "| Training | " + " | ".join(columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 1)]
+    for row in rows:
+        cells = [
+            f"{row[c]:.2f}%" if isinstance(row.get(c), float) else str(row.get(c, ""))
+            for c in columns
+        ]
+        lines.append(f"| {row['training']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

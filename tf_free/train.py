@@ -1,0 +1,149 @@
+"""Trains a robust model: `python -m tf_free.train --flagfile=flags/quickstart.cfg`.
+
+A thin absl layer over `tf_free.experiment.train_and_evaluate`. ε and step
+sizes are in the paper's 0-255 pixel units; the model sees images in [0, 1].
+"""
+
+import sys
+
+from absl import app, flags, logging
+
+from tf_free import experiment
+
+_DEFAULTS = experiment.TrainConfig()
+
+# Data and method.
+flags.DEFINE_string(
+    "dataset",
+    _DEFAULTS.dataset,
+    "TFDS image-classification dataset; first-class: mnist, fashion_mnist, cifar10, "
+    "cifar100, imagenet2012. fashion_mnist works offline from Debian's files.",
+)
+flags.DEFINE_string(
+    "data_dir", None, "TFDS data_dir (ImageNet tars go in <data_dir>/downloads/manual)."
+)
+flags.DEFINE_enum(
+    "method", _DEFAULTS.method, experiment.METHODS, "free (Alg. 2), pgd (K-PGD, Alg. 1) or natural."
+)
+flags.DEFINE_integer(
+    "m", _DEFAULTS.m, "Free training: replays of each minibatch (m).", lower_bound=1
+)
+# Attack budget, in 0-255 pixel units.
+flags.DEFINE_float(
+    "epsilon",
+    _DEFAULTS.epsilon,
+    "L-inf budget ε in 0-255 pixel units (8 on CIFAR, 4 on ImageNet).",
+    lower_bound=0,
+)
+flags.DEFINE_float("step_size", None, "Free training: δ step in 0-255 units (default ε).")
+flags.DEFINE_integer(
+    "pgd_steps", _DEFAULTS.pgd_steps, "PGD training: attack steps K.", lower_bound=1
+)
+flags.DEFINE_float("pgd_step_size", None, "PGD training: step in 0-255 units (default 2.5·ε/K).")
+# Budget and optimisation.
+flags.DEFINE_float(
+    "epochs",
+    _DEFAULTS.epochs,
+    "Natural-epoch budget; free training makes ceil(epochs/m) passes over the data.",
+)
+flags.DEFINE_integer(
+    "batch_size", _DEFAULTS.batch_size, "Global batch size (split across replicas).", lower_bound=1
+)
+flags.DEFINE_float("lr", _DEFAULTS.lr, "Peak learning rate.")
+flags.DEFINE_enum(
+    "lr_schedule",
+    _DEFAULTS.lr_schedule,
+    experiment.LR_SCHEDULES,
+    "Schedule over optimizer iterations (replays count).",
+)
+flags.DEFINE_list("lr_boundaries", [], "piecewise: boundaries in natural epochs, e.g. 100,150.")
+flags.DEFINE_float("lr_decay", _DEFAULTS.lr_decay, "piecewise: factor applied at each boundary.")
+flags.DEFINE_float("weight_decay", _DEFAULTS.weight_decay, "SGD weight decay.", lower_bound=0)
+flags.DEFINE_float("momentum", _DEFAULTS.momentum, "SGD momentum.")
+# Model.
+flags.DEFINE_string(
+    "model",
+    _DEFAULTS.model,
+    "small_cnn, preact_resnet18, wide_resnet, resnet50, resnet101 or resnet152.",
+)
+flags.DEFINE_integer(
+    "wrn_depth",
+    _DEFAULTS.wrn_depth,
+    "wide_resnet depth ((depth-2) % 6 == 0; the paper's WRN-32-10 is Madry's depth-34 code).",
+)
+flags.DEFINE_integer("wrn_width", _DEFAULTS.wrn_width, "wide_resnet width factor.")
+# Output and execution.
+flags.DEFINE_string(
+    "model_dir", _DEFAULTS.model_dir, "Run folder: config, TensorBoard logs, checkpoints, results."
+)
+flags.DEFINE_string("export_dir", None, "SavedModel folder (default <model_dir>/export).")
+flags.DEFINE_enum(
+    "strategy",
+    _DEFAULTS.strategy,
+    experiment.STRATEGIES,
+    "tf.distribute strategy; auto mirrors over >1 GPU.",
+)
+flags.DEFINE_enum(
+    "jit_compile", _DEFAULTS.jit_compile, experiment.JIT_CHOICES, "XLA; auto = on for one replica."
+)
+flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed for weights, data order and attacks.")
+# Evaluation during training.
+flags.DEFINE_integer(
+    "eval_every",
+    _DEFAULTS.eval_every,
+    "Evaluate robustness every N passes over the data (and at the end).",
+    lower_bound=1,
+)
+flags.DEFINE_integer(
+    "eval_examples",
+    _DEFAULTS.eval_examples,
+    "Validation examples for the robustness evaluation.",
+    lower_bound=1,
+)
+flags.DEFINE_integer(
+    "eval_pgd_steps", _DEFAULTS.eval_pgd_steps, "PGD steps of the evaluation attack.", lower_bound=1
+)
+flags.DEFINE_float(
+    "eval_pgd_step_size",
+    _DEFAULTS.eval_pgd_step_size,
+    "Evaluation PGD step in 0-255 units (random start).",
+)
+# Quick tries and tests.
+flags.DEFINE_integer("train_examples", None, "Use only the first N training examples.")
+flags.DEFINE_integer(
+    "verbose",
+    _DEFAULTS.verbose,
+    "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch.",
+)
+
+FLAGS = flags.FLAGS
+
+
+def config_from_flags() -> experiment.TrainConfig:
+    fields = {f: getattr(FLAGS, f) for f in experiment.TrainConfig.__dataclass_fields__}
+    fields["lr_boundaries"] = tuple(float(b) for b in FLAGS.lr_boundaries)
+    return experiment.TrainConfig(**fields)
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(f"tf_free.train: error: unexpected arguments {argv[1:]}")
+    try:
+        config = config_from_flags()
+        results = experiment.train_and_evaluate(config)
+    except (experiment.ConfigError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"tf_free.train: error: {e}")
+    logging.info("results: %s", results)
+    print(
+        f"\nclean accuracy {100 * results['clean_accuracy']:.2f}%, "
+        f"PGD-{config.eval_pgd_steps} accuracy "
+        f"{100 * results[f'pgd{config.eval_pgd_steps}_accuracy']:.2f}% "
+        f"on {config.eval_examples} {config.dataset} test images "
+        f"(ε={config.epsilon}/255), {results['train_minutes']:.1f} min of training\n"
+        f"TensorBoard: tensorboard --logdir {results['log_dir']}\n"
+        f"SavedModel:  {results['export_dir']}"
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)
