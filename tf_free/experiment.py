@@ -50,7 +50,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9
     model: str = "small_cnn"
-    wrn_depth: int = 34
+    wrn_depth: int = 32
     wrn_width: int = 10
     model_dir: str = "runs/quickstart"
     export_dir: str | None = None
@@ -201,9 +201,11 @@ def build_lr_schedule(config: TrainConfig, iterations_per_epoch: int, total_iter
 
 def build_model(config: TrainConfig, info) -> tuple[keras.Model, keras.Model]:
     """Returns (trainable model, base model that maps images to logits)."""
-    kwargs = {"mean": info.mean, "std": info.std}
     if config.model == "wide_resnet":
-        kwargs.update(depth=config.wrn_depth, width=config.wrn_width)
+        # Madry's WRN standardises each image itself, instead of mean/std.
+        kwargs = {"depth": config.wrn_depth, "width": config.wrn_width}
+    else:
+        kwargs = {"mean": info.mean, "std": info.std}
     base = models.get_model(config.model, info.image_shape, info.num_classes, **kwargs)
     epsilon = config.epsilon / 255.0
     if config.method == "free":

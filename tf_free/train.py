@@ -69,7 +69,7 @@ flags.DEFINE_string(
 flags.DEFINE_integer(
     "wrn_depth",
     _DEFAULTS.wrn_depth,
-    "wide_resnet depth ((depth-2) % 6 == 0; the paper's WRN-32-10 is Madry's depth-34 code).",
+    "wide_resnet depth, 6n+2 (the paper's WRN-32-10: 32).",
 )
 flags.DEFINE_integer("wrn_width", _DEFAULTS.wrn_width, "wide_resnet width factor.")
 # Output and execution.
