@@ -10,6 +10,7 @@ default; the command line converts the paper's 0-255 values).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 import keras
@@ -32,11 +33,12 @@ def cw_loss(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
     the paper's CW-100 column (Madry et al.'s `cw` loss without the κ clip).
     """
     logits = tf.cast(logits, tf.float32)
-    num_classes = tf.shape(logits)[-1]
-    onehot = tf.one_hot(tf.cast(labels, tf.int32), num_classes, dtype=logits.dtype)
-    correct = tf.reduce_sum(onehot * logits, axis=-1)
-    # Push the true class to -inf (not 0: logits may all be negative).
-    wrong = tf.reduce_max(logits - onehot * 1e9, axis=-1)
+    labels = tf.cast(labels, tf.int32)
+    correct = tf.gather(logits, labels, axis=-1, batch_dims=1)
+    # The true class is masked with -inf (not a large constant or a product
+    # with a one-hot, which break on huge or infinite logits).
+    is_true = tf.one_hot(labels, tf.shape(logits)[-1], on_value=True, off_value=False)
+    wrong = tf.reduce_max(tf.where(is_true, -float("inf"), logits), axis=-1)
     return wrong - correct
 
 
@@ -48,14 +50,19 @@ def _loss_fn(loss: str) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
 
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_budget(epsilon, step_size=None, steps=None, restarts=None):
-    if isinstance(epsilon, (int, float)) and epsilon < 0:
+    # Python and numpy numbers are checked here; tensors are taken as given.
+    if isinstance(epsilon, numbers.Real) and not epsilon >= 0:
         raise ValueError(f"epsilon must be >= 0, got {epsilon}")
-    if isinstance(step_size, (int, float)) and step_size < 0:
+    if isinstance(step_size, numbers.Real) and not step_size >= 0:
         raise ValueError(f"step_size must be >= 0, got {step_size}")
-    if steps is not None and (not isinstance(steps, int) or steps < 1):
+    if steps is not None and not (_is_int(steps) and steps >= 1):
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if restarts is not None and (not isinstance(restarts, int) or restarts < 1):
+    if restarts is not None and not (_is_int(restarts) and restarts >= 1):
         raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
 
 
@@ -112,7 +119,7 @@ def fgsm(
       clip_max: largest valid pixel value.
 
     Returns:
-      The adversarial images, same shape and dtype as `images`.
+      The adversarial images (float32), same shape as `images`.
     """
     _check_budget(epsilon)
     loss_fn = _loss_fn(loss)
@@ -184,7 +191,7 @@ def pgd(
 
     n = tf.shape(images)[0]
     best = (images, tf.zeros([n], tf.bool), tf.fill([n], -float("inf")))
-    for restart in range(restarts):
+    for restart in range(int(restarts)):
         adv = images
         if random_start:
             noise = tf.random.stateless_uniform(
