@@ -1,20 +1,44 @@
-"""Input pipelines.
+"""Input pipelines: TFDS datasets as batched (images, labels), images float32 in [0, 1].
 
-Fashion-MNIST works offline from Debian's `dataset-fashion-mnist`, which
-installs the original IDX files. Debian recompressed the .gz files, so their
-bytes (and TFDS's registered checksums) differ from the upstream downloads;
-we verify the decompressed IDX payloads instead, against the MD5 sums that
-upstream loaders publish for them.
+Normalisation (mean/std) happens inside the models; `dataset_info(name).mean`
+and `.std` give the values to use there.
+
+Public API:
+  DatasetSpec, dataset_info(name, data_dir=None)
+  build_dataset(name, split, *, batch_size, training, ...)
+  check_available(name, data_dir=None)     cheap pre-flight, raises DataNotFoundError
+  prepare_fashion_mnist(data_dir=None, source_dir=None)
+  preprocessing: pad_and_random_crop, random_flip, cifar_train_preprocess,
+    random_resized_crop_window, imagenet_train_preprocess,
+    resize_shorter_and_center_crop, imagenet_eval_preprocess
+  load_fashion_mnist, make_dataset (numpy route, kept for the existing tests)
+
+Fashion-MNIST offline. Debian's `dataset-fashion-mnist` installs the original
+IDX files. Debian recompressed the .gz files, so their bytes differ from the
+upstream downloads whose SHA-256 TFDS registered; we verify the decompressed
+IDX payloads instead, against the MD5 sums that upstream loaders publish for
+them. `prepare_fashion_mnist` then prepares TFDS's own `fashion_mnist` from
+those files: TFDS's registered checksums are replaced (explicitly, with one
+logged warning line) by the size and SHA-256 of the exact Debian .gz bytes
+that passed our MD5 check, so TFDS's own checksum check still runs and fails
+if a file changes between our check and TFDS reading it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
+import logging
 import os
+import tempfile
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download import checksums as tfds_checksums
+
+logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 
@@ -43,9 +67,596 @@ FASHION_MNIST_CLASSES = (
     "Ankle boot",
 )
 
+IMAGENET_MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+# Shuffle buffer of undecoded JPEGs (~110 kB each, so ~1.1 GB of RAM).
+IMAGENET_SHUFFLE_BUFFER = 10_000
 
-class DataIntegrityError(RuntimeError):
+
+class DataError(RuntimeError):
+    """Data cannot be provided (not prepared, cannot be prepared, ...)."""
+
+
+class DataIntegrityError(DataError):
     """A data file is missing, truncated or not the expected content."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """Files the user must provide (e.g. the ImageNet tars) are missing."""
+
+
+# --------------------------------------------------------------------------
+# Dataset descriptions
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """What a model and a training loop need to know about a dataset.
+
+    Attributes:
+      name: TFDS name.
+      image_shape: (H, W, C) that `build_dataset` yields by default (None for a
+        variable size: pass `image_size`).
+      num_classes: number of labels.
+      mean, std: per-channel statistics of [0, 1] images, for the model's
+        normalisation layer; None where the convention is no normalisation.
+      train_split, eval_split: TFDS split names.
+      num_train_examples: size of `train_split` (None if unknown offline).
+      augmentation: "cifar" (zero-pad 4 + random crop + flip), "imagenet"
+        (random-resized crop + flip) or "none" (shuffling only).
+    """
+
+    name: str
+    image_shape: tuple[int | None, int | None, int]
+    num_classes: int
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    train_split: str
+    eval_split: str
+    num_train_examples: int | None
+    augmentation: str = "none"
+
+
+# CIFAR statistics: per-channel mean/std over the training images, the values
+# used by e.g. locuslab/fast_adversarial and most CIFAR code. ImageNet: the
+# torchvision values, used by the official free-training ImageNet code.
+_FIRST_CLASS = {
+    "mnist": DatasetSpec("mnist", (28, 28, 1), 10, None, None, "train", "test", 60_000),
+    "fashion_mnist": DatasetSpec(
+        "fashion_mnist", (28, 28, 1), 10, None, None, "train", "test", 60_000
+    ),
+    "cifar10": DatasetSpec(
+        "cifar10",
+        (32, 32, 3),
+        10,
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+        "train",
+        "test",
+        50_000,
+        "cifar",
+    ),
+    "cifar100": DatasetSpec(
+        "cifar100",
+        (32, 32, 3),
+        100,
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
+        "train",
+        "test",
+        50_000,
+        "cifar",
+    ),
+    "imagenet2012": DatasetSpec(
+        "imagenet2012",
+        (224, 224, 3),
+        1000,
+        (0.485, 0.456, 0.406),
+        (0.229, 0.224, 0.225),
+        "train",
+        "validation",
+        1_281_167,
+        "imagenet",
+    ),
+}
+FIRST_CLASS_DATASETS = tuple(_FIRST_CLASS)
+# Small, fixed-size datasets: cache the decoded uint8 images after the first epoch.
+_CACHED = {"mnist", "fashion_mnist", "cifar10", "cifar100"}
+
+
+def dataset_info(name: str, data_dir: str | None = None) -> DatasetSpec:
+    """The `DatasetSpec` of a first-class dataset or of any TFDS image classifier.
+
+    Raises:
+      ValueError: unknown TFDS name, or a dataset without an "image" Image
+        feature and a "label" ClassLabel feature.
+    """
+    if name in _FIRST_CLASS:
+        return _FIRST_CLASS[name]
+    hint = f"first-class datasets: {', '.join(FIRST_CLASS_DATASETS)}"
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(f"unknown dataset {name!r} (not a TFDS name); {hint}") from e
+    features = builder.info.features
+    image = features["image"] if "image" in features else None
+    label = features["label"] if "label" in features else None
+    if not isinstance(image, tfds.features.Image) or not isinstance(
+        label, tfds.features.ClassLabel
+    ):
+        raise ValueError(
+            f"{name!r} is not an image-classification dataset (needs an 'image' Image feature "
+            f"and a 'label' ClassLabel feature; it has {sorted(features.keys())}); {hint}"
+        )
+    splits = builder.info.splits  # empty when not prepared (offline: unknown)
+    eval_split = "validation" if "validation" in splits and "test" not in splits else "test"
+    train = splits["train"].num_examples if "train" in splits else None
+    return DatasetSpec(
+        name=name,
+        image_shape=tuple(image.shape),
+        num_classes=label.num_classes,
+        mean=None,
+        std=None,
+        train_split="train",
+        eval_split=eval_split,
+        num_train_examples=train,
+    )
+
+
+# --------------------------------------------------------------------------
+# Availability and preparation
+# --------------------------------------------------------------------------
+
+
+def _data_root(builder, data_dir: str | None) -> str:
+    # The root TFDS uses: <root>/<name>/<version>, downloads in <root>/downloads.
+    return os.fspath(data_dir) if data_dir else os.fspath(builder.data_dir_root)
+
+
+def imagenet_manual_dir(data_dir: str | None = None) -> str:
+    """Where the ImageNet tars must be: `<data_dir>/downloads/manual/`."""
+    builder = tfds.builder("imagenet2012", data_dir=data_dir)
+    return os.path.join(_data_root(builder, data_dir), "downloads", "manual")
+
+
+def check_available(name: str, data_dir: str | None = None) -> str:
+    """Cheap pre-flight: can `build_dataset(name, ...)` get its data? Run it first.
+
+    Only looks at files; reads no data and prepares nothing.
+
+    Returns:
+      How the data will be obtained: "prepared", "local files" (ImageNet tars or
+      Debian's Fashion-MNIST files, prepared on first use) or "download" (TFDS
+      will download; needs internet).
+
+    Raises:
+      ValueError: unknown dataset name.
+      DataNotFoundError: ImageNet is not prepared and a tar is missing; the
+        message names the exact path where to put which file.
+      DataIntegrityError: Fashion-MNIST is not prepared and the local folder
+        ($FASHION_MNIST_DIR) is incomplete (content is checked when preparing).
+    """
+    dataset_info(name, data_dir)  # ValueError for unknown names
+    builder = tfds.builder(name, data_dir=data_dir)
+    if builder.is_prepared():
+        return "prepared"
+    if name == "imagenet2012":
+        manual = imagenet_manual_dir(data_dir)
+        missing = [
+            os.path.join(manual, f)
+            for f in IMAGENET_MANUAL_FILES
+            if not (
+                os.path.isfile(os.path.join(manual, f)) and os.path.getsize(os.path.join(manual, f))
+            )
+        ]
+        if missing:
+            # Both tars are required: TFDS would otherwise prepare (for good) a
+            # dataset without the missing split.
+            raise DataNotFoundError(
+                f"imagenet2012 is not prepared in {builder.data_dir} and TFDS needs the "
+                f"manually downloaded ILSVRC2012 tars (from https://image-net.org): put "
+                f"{' and '.join(missing)}, then rerun"
+            )
+        return "local files"
+    if (
+        name == "fashion_mnist"
+        and os.path.isdir(FASHION_MNIST_DIR)
+        and os.listdir(FASHION_MNIST_DIR)
+    ):
+        # The same rule as prepare_fashion_mnist: a non-empty folder must be complete.
+        missing = [
+            os.path.join(FASHION_MNIST_DIR, f"{f}.gz")
+            for pair in FASHION_MNIST_FILES.values()
+            for f, _ in pair
+            if not os.path.isfile(os.path.join(FASHION_MNIST_DIR, f"{f}.gz"))
+        ]
+        if missing:
+            raise DataIntegrityError(
+                f"fashion_mnist is not prepared in {builder.data_dir} and local files are "
+                f"missing: {', '.join(missing)}"
+            )
+        return "local files"
+    return "download"
+
+
+def _prepare(builder, name: str) -> None:
+    """`download_and_prepare`, with a one-line error if it fails (e.g. offline)."""
+    if builder.is_prepared():
+        return
+    try:
+        builder.download_and_prepare()
+    except Exception as e:  # re-raised below, with the cause chained
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataError(
+            f"TFDS could not download/prepare {name!r} into {builder.data_dir} "
+            f"({type(e).__name__}: {first_line[:300]}); without internet, prepare it on "
+            "another machine and copy that folder here"
+        ) from e
+
+
+def _verified_fashion_url_infos(source_dir: str) -> dict:
+    """Checks Debian's Fashion-MNIST files; returns TFDS UrlInfos of the checked bytes.
+
+    Each .gz is read once: its decompressed payload must have the published
+    MD5, and the returned size/SHA-256 are those of the very bytes checked.
+    """
+    expected = {name: md5 for pair in FASHION_MNIST_FILES.values() for name, md5 in pair}
+    builder_cls = tfds.builder_cls("fashion_mnist")
+    infos = {}
+    for url, registered in builder_cls.url_infos.items():
+        filename = registered.filename  # e.g. "t10k-images-idx3-ubyte.gz"
+        path = os.path.join(source_dir, filename)
+        idx_name = filename.removesuffix(".gz")
+        if not os.path.exists(path):
+            raise DataIntegrityError(
+                f"{path} not found. Install Debian's Fashion-MNIST "
+                "(apt-get install dataset-fashion-mnist) or set FASHION_MNIST_DIR."
+            )
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            payload = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise DataIntegrityError(f"{path} is unreadable or truncated: {e}") from e
+        md5 = hashlib.md5(payload).hexdigest()
+        if md5 != expected[idx_name]:
+            raise DataIntegrityError(
+                f"{path}: decompressed MD5 is {md5}, expected {expected[idx_name]} "
+                "(corrupt or not the original Fashion-MNIST file)"
+            )
+        infos[url] = tfds_checksums.UrlInfo(
+            size=len(raw), checksum=hashlib.sha256(raw).hexdigest(), filename=filename
+        )
+    return infos
+
+
+def _tfds_prepare_fashion_mnist(data_dir: str | None, source_dir: str, url_infos: dict) -> None:
+    """Prepares TFDS's `fashion_mnist` from `source_dir` with `url_infos` as checksums."""
+    base = tfds.builder_cls("fashion_mnist")
+    # A builder class's `url_infos` (a classproperty read from TFDS's
+    # url_checksums/ files) is what its DownloadManager validates downloads and
+    # manual_dir files against; a subclass attribute overrides it. Same `name`,
+    # so the prepared data lands in <data_dir>/fashion_mnist/<version> and the
+    # standard builder reads it. skip_registration: don't clash with TFDS's own.
+    # (`_make_download_manager` in https://github.com/tensorflow/datasets/blob/
+    # master/tensorflow_datasets/core/dataset_builder.py; TFDS 4.9.10.)
+    # `tfds.download.add_checksums_dir` cannot do this: the builder's own
+    # url_infos take precedence, and a second checksum for a registered URL
+    # raises "registered with 2+ distinct size/checksum tuples".
+    local_cls = type(
+        "DebianFashionMNIST",
+        (base,),
+        {"name": "fashion_mnist", "url_infos": url_infos, "__module__": __name__},
+        skip_registration=True,
+    )
+    builder = local_cls(data_dir=data_dir)
+    # The DownloadManager takes a file from manual_dir when it is named as the
+    # url_info's `filename`, then checks its size and SHA-256 against url_infos
+    # (core/download/download_manager.py, `_download_or_get_cache`).
+    config = tfds.download.DownloadConfig(manual_dir=source_dir, try_download_gcs=False)
+    # Extracted copies go to a temporary download dir, deleted afterwards.
+    with tempfile.TemporaryDirectory(prefix="tf_free_fashion_mnist_") as tmp:
+        builder.download_and_prepare(download_dir=tmp, download_config=config)
+
+
+def prepare_fashion_mnist(data_dir: str | None = None, source_dir: str | None = None) -> str:
+    """Prepares TFDS's `fashion_mnist` in `data_dir` from local IDX files, offline.
+
+    No-op if it is already prepared there. Otherwise the files in `source_dir`
+    (default: Debian's /usr/share/datasets/fashion-mnist or $FASHION_MNIST_DIR)
+    are MD5-checked (decompressed payloads), and TFDS prepares the dataset from
+    them with its registered checksums replaced by the SHA-256 of those exact
+    checked files (logged as a warning). If `source_dir` has no files at all,
+    TFDS downloads as usual (needs internet).
+
+    Returns:
+      The prepared dataset's folder.
+
+    Raises:
+      DataIntegrityError: a local file is corrupt, truncated or missing.
+      DataError: no local files and TFDS could not download.
+    """
+    builder = tfds.builder("fashion_mnist", data_dir=data_dir)
+    if builder.is_prepared():
+        return os.fspath(builder.data_dir)
+    source_dir = os.fspath(source_dir or FASHION_MNIST_DIR)
+    if not os.path.isdir(source_dir) or not os.listdir(source_dir):
+        _prepare(builder, "fashion_mnist")
+        return os.fspath(builder.data_dir)
+    url_infos = _verified_fashion_url_infos(source_dir)
+    logger.warning(
+        "fashion_mnist: TFDS's registered checksums (upstream .gz bytes) replaced by the "
+        "SHA-256 of the local .gz files in %s, whose decompressed IDX payloads passed the "
+        "published MD5 check",
+        source_dir,
+    )
+    _tfds_prepare_fashion_mnist(data_dir, source_dir, url_infos)
+    return os.fspath(tfds.builder("fashion_mnist", data_dir=data_dir).data_dir)
+
+
+# --------------------------------------------------------------------------
+# Preprocessing (each works eagerly and inside tf.data; seeds are stateless [2])
+# --------------------------------------------------------------------------
+
+
+def to_float(image):
+    """uint8 [0, 255] (or float in that range) to float32 [0, 1]."""
+    return tf.cast(image, tf.float32) / 255.0
+
+
+def _split_seed(seed):
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
+    return seeds[0], seeds[1]
+
+
+def pad_and_random_crop(image, seed, padding: int = 4):
+    """Zero-pads `padding` pixels on each side, then crops back to the input size.
+
+    Zero padding, as in the paper's CIFAR code (Madry et al.'s
+    `resize_image_with_crop_or_pad`) and torchvision's RandomCrop(32, padding=4).
+    """
+    image = tf.convert_to_tensor(image)
+    size = image.shape if image.shape.is_fully_defined() else tf.shape(image)
+    padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
+    return tf.image.stateless_random_crop(padded, size, seed=seed)
+
+
+def random_flip(image, seed):
+    """Mirrors left-right with probability 1/2."""
+    return tf.image.stateless_random_flip_left_right(image, seed=seed)
+
+
+def cifar_train_preprocess(image, seed):
+    """uint8 [32, 32, C] -> float32 [0, 1]: zero-pad 4, random crop 32, random flip."""
+    crop_seed, flip_seed = _split_seed(seed)
+    return to_float(random_flip(pad_and_random_crop(image, crop_seed), flip_seed))
+
+
+def random_resized_crop_window(
+    image_shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), max_attempts: int = 10
+):
+    """A random [offset_y, offset_x, height, width] window, as RandomResizedCrop.
+
+    Area a fraction `scale` of the image, aspect ratio width/height in `ratio`;
+    10 attempts as torchvision. If none fits, TF returns the whole image
+    (torchvision would take a centre crop with a clamped ratio).
+    """
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        image_shape,
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seed,
+        # The default min_object_covered=0.1 would forbid crops of 8-10% area
+        # (https://www.tensorflow.org/api_docs/python/tf/image/stateless_sample_distorted_bounding_box).
+        min_object_covered=0.0,
+        aspect_ratio_range=ratio,
+        area_range=scale,
+        max_attempts=max_attempts,
+        use_image_if_no_bounding_boxes=True,
+    )
+    return tf.stack([begin[0], begin[1], size[0], size[1]])
+
+
+def imagenet_train_preprocess(image_bytes, seed, image_size: int = 224):
+    """JPEG bytes -> float32 [image_size, image_size, 3] in [0, 1].
+
+    Random-resized crop (scale (0.08, 1), ratio (3/4, 4/3)), decoding only the
+    crop (`decode_and_crop_jpeg`), bilinear resize with antialiasing (as PIL),
+    random horizontal flip. TFDS's imagenet2012 re-encodes its few PNG/CMYK
+    images as RGB JPEG when preparing, so every stored image is a JPEG.
+    """
+    crop_seed, flip_seed = _split_seed(seed)
+    window = random_resized_crop_window(tf.io.extract_jpeg_shape(image_bytes), crop_seed)
+    image = tf.image.decode_and_crop_jpeg(
+        image_bytes, window, channels=3, dct_method="INTEGER_ACCURATE"
+    )
+    image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
+    image = random_flip(image, flip_seed)
+    return tf.clip_by_value(image / 255.0, 0.0, 1.0)
+
+
+def resize_shorter_and_center_crop(image, image_size: int = 224, resize_size: int = 256):
+    """Resizes the shorter side to `resize_size`, then centre-crops `image_size`.
+
+    Same geometry as torchvision's Resize(256) + CenterCrop(224): the longer
+    side becomes int(resize_size * long / short) (truncated) and the crop
+    offset is round((size - crop) / 2) with round-half-to-even (Python's
+    `round`, and `tf.round`); see torchvision/transforms/functional.py
+    (`_compute_resized_output_size`, `center_crop`) at
+    https://github.com/pytorch/vision. Bilinear with antialiasing (as PIL).
+    Returns float32 in the input's value range (not rounded to integers).
+    """
+    image = tf.convert_to_tensor(image)
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    short, long = tf.minimum(h, w), tf.maximum(h, w)
+    new_long = (resize_size * long) // short
+    new_h = tf.where(h <= w, resize_size, new_long)
+    new_w = tf.where(h <= w, new_long, resize_size)
+    image = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear", antialias=True)
+    top = tf.cast(tf.round(tf.cast(new_h - image_size, tf.float32) / 2.0), tf.int32)
+    left = tf.cast(tf.round(tf.cast(new_w - image_size, tf.float32) / 2.0), tf.int32)
+    image = image[top : top + image_size, left : left + image_size]
+    return tf.ensure_shape(image, [image_size, image_size, image.shape[-1]])
+
+
+def imagenet_eval_preprocess(image_bytes, image_size: int = 224):
+    """JPEG bytes -> float32 [image_size, image_size, 3] in [0, 1]: resize 256, centre crop 224.
+
+    For another `image_size` the resize keeps the 256/224 ratio.
+    """
+    image = tf.io.decode_jpeg(image_bytes, channels=3, dct_method="INTEGER_ACCURATE")
+    resize_size = int(round(image_size * 256 / 224))
+    image = resize_shorter_and_center_crop(image, image_size, resize_size)
+    return tf.clip_by_value(image / 255.0, 0.0, 1.0)
+
+
+def _resize(image, image_size: int | None):
+    if image_size is None:
+        return image
+    image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------
+# Pipelines
+# --------------------------------------------------------------------------
+
+
+def build_dataset(
+    name: str,
+    split: str,
+    *,
+    batch_size: int,
+    training: bool,
+    data_dir: str | None = None,
+    seed: int | None = 0,
+    num_examples: int | None = None,
+    drop_remainder: bool = False,
+    image_size: int | None = None,
+) -> tf.data.Dataset:
+    """A batched, prefetched tf.data.Dataset of (float32 images in [0, 1], int64 labels).
+
+    Args:
+      name: a first-class name (mnist, fashion_mnist, cifar10, cifar100,
+        imagenet2012) or any TFDS image-classification dataset.
+      split: TFDS split, e.g. "train", "test", "validation" (see `dataset_info`).
+      batch_size: the GLOBAL batch size (a tf.distribute strategy splits it).
+      training: shuffle (seeded) and augment: CIFAR zero-pad-4 random crop +
+        flip; ImageNet random-resized crop 224 + flip. Without it ImageNet is
+        resize-256 + centre-crop 224; other datasets are only converted.
+        MNIST-like and other datasets get no augmentation.
+      data_dir: TFDS data dir (default: TFDS's, ~/tensorflow_datasets).
+      seed: shuffling and augmentation seed; with a seed the pipeline is
+        deterministic (same batches in the same order for a fresh dataset,
+        different augmentation and order from one epoch to the next). Workers
+        must share it. None: unseeded and non-deterministic (faster).
+      num_examples: only the first N examples of the split (in TFDS's stored
+        order).
+      drop_remainder: drop a last partial batch.
+      image_size: output side; ImageNet: crop size (default 224); others: a
+        bilinear resize (required for datasets of variable image size).
+
+    Raises:
+      ValueError: unknown dataset, or variable-size images without image_size.
+      DataNotFoundError: ImageNet tars missing (see `check_available`).
+      DataIntegrityError: corrupt local Fashion-MNIST files.
+      DataError: TFDS could not download/prepare the dataset.
+    """
+    spec = dataset_info(name, data_dir)
+    if spec.augmentation != "imagenet" and image_size is None and None in spec.image_shape:
+        raise ValueError(
+            f"{name!r} has images of variable size {spec.image_shape}: pass image_size"
+        )
+    check_available(name, data_dir)
+    if name == "fashion_mnist":
+        prepare_fashion_mnist(data_dir)
+    builder = tfds.builder(name, data_dir=data_dir)
+    _prepare(builder, name)
+
+    deterministic = seed is not None
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    if name in _CACHED:
+        # Small single-file datasets: FILE auto-sharding fails with fewer files
+        # than workers (tensorflow/tensorflow#36846); DATA sharding with the
+        # same seeded shuffle on every worker gives disjoint shards.
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA
+        )
+    read_config = tfds.ReadConfig(
+        shuffle_seed=seed,
+        shuffle_reshuffle_each_iteration=True,
+        try_autocache=False,  # we cache (decoded) ourselves where it pays
+        options=options,
+    )
+    imagenet = spec.augmentation == "imagenet"
+    ds = builder.as_dataset(
+        split=f"{split}[:{num_examples}]" if num_examples else split,
+        shuffle_files=training,
+        read_config=read_config,
+        # Undecoded JPEG bytes: training decodes only the random crop
+        # (https://www.tensorflow.org/datasets/decode#skipping_the_image_decoding).
+        decoders={"image": tfds.decode.SkipDecoding()} if imagenet else None,
+    )
+    ds = ds.map(lambda ex: (ex["image"], ex["label"]), num_parallel_calls=tf.data.AUTOTUNE)
+    if num_examples:
+        # tfds.testing.mock_data ignores split slicing ("train[:6]" gives all
+        # mocked examples; seen with TFDS 4.9.10), so bound it here too.
+        ds = ds.take(num_examples)
+    if name in _CACHED:
+        ds = ds.cache()
+
+    if training:
+        if imagenet:
+            buffer = IMAGENET_SHUFFLE_BUFFER
+        else:
+            buffer = num_examples or spec.num_train_examples or 10_000
+        ds = ds.shuffle(min(buffer, 100_000), seed=seed, reshuffle_each_iteration=True)
+
+    size = image_size or (224 if imagenet else None)
+    if imagenet and training:
+        fn = lambda image, seed_: imagenet_train_preprocess(image, seed_, size)  # noqa: E731
+    elif imagenet:
+        fn = lambda image, seed_: imagenet_eval_preprocess(image, size)  # noqa: E731
+    elif spec.augmentation == "cifar" and training:
+        fn = lambda image, seed_: _resize(cifar_train_preprocess(image, seed_), size)  # noqa: E731
+    else:
+        fn = lambda image, seed_: _resize(to_float(image), size)  # noqa: E731
+
+    if training:
+        # One stateless seed per example, fresh every epoch, reproducible: a
+        # stateful random op inside a parallel map would hand out its random
+        # numbers in thread order. `Dataset.random(rerandomize_each_iteration=True)`
+        # draws new numbers each epoch from the same seed
+        # (https://www.tensorflow.org/api_docs/python/tf/data/Dataset#random).
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip(ds, seeds)
+        ds = ds.map(
+            lambda example, s: (fn(example[0], s), example[1]),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=deterministic,
+        )
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    elif imagenet or image_size is not None or None in spec.image_shape:
+        ds = ds.map(
+            lambda image, label: (fn(image, None), label),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=deterministic,
+        )
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    else:  # fixed-size, no augmentation: convert whole batches at once
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+        ds = ds.map(
+            lambda images, labels: (to_float(images), labels),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=deterministic,
+        )
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+# --------------------------------------------------------------------------
+# Fashion-MNIST as numpy arrays (no TFDS)
+# --------------------------------------------------------------------------
 
 
 def _read_idx(path: str, expected_md5: str) -> np.ndarray:
@@ -84,7 +695,7 @@ def load_fashion_mnist(split: str, data_dir: str | None = None):
         $FASHION_MNIST_DIR).
 
     Returns:
-      (images, labels): uint8 [N, 28, 28, 1] and int64 [N].
+      (images, labels): uint8 [N, 28, 28, 1] and int64 [N], in file order.
 
     Raises:
       DataIntegrityError: a file is missing or its content is not the original.
@@ -100,7 +711,7 @@ def load_fashion_mnist(split: str, data_dir: str | None = None):
 
 def to_float_images(images, labels):
     """uint8 [0, 255] images to float32 [0, 1]; the model normalises inside."""
-    return tf.cast(images, tf.float32) / 255.0, labels
+    return to_float(images), labels
 
 
 def make_dataset(
@@ -112,7 +723,7 @@ def make_dataset(
     seed: int = 0,
     drop_remainder: bool = False,
 ) -> tf.data.Dataset:
-    """A batched, prefetched tf.data pipeline of float images in [0, 1]."""
+    """A batched, prefetched tf.data pipeline of float images in [0, 1], from arrays."""
     ds = tf.data.Dataset.from_tensor_slices((images, labels))
     if shuffle:
         ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)

@@ -91,7 +91,7 @@ def evaluate(argv_flags=FLAGS) -> dict:
         "dataset": dataset,
         "epsilon_255": epsilon,
         "step_size_255": step_size,
-        "eval_examples": f.eval_examples or info.num_eval_examples,
+        "eval_examples": f.eval_examples or "all",
         **accuracies,
     }
     output = f.output or os.path.join(f.model_dir or ".", "eval.json")
@@ -107,7 +107,7 @@ def main(argv):
         sys.exit(f"tf_free.evaluate: error: unexpected arguments {argv[1:]}")
     try:
         evaluate()
-    except experiment.ConfigError as e:
+    except (experiment.ConfigError, data.DataError) as e:
         sys.exit(f"tf_free.evaluate: error: {e}")
 
 

@@ -8,7 +8,7 @@ import sys
 
 from absl import app, flags, logging
 
-from tf_free import experiment
+from tf_free import data, experiment
 
 _DEFAULTS = experiment.TrainConfig()
 
@@ -131,7 +131,7 @@ def main(argv):
     try:
         config = config_from_flags()
         results = experiment.train_and_evaluate(config)
-    except (experiment.ConfigError, ValueError, FileNotFoundError) as e:
+    except (experiment.ConfigError, data.DataError) as e:
         sys.exit(f"tf_free.train: error: {e}")
     logging.info("results: %s", results)
     print(
