@@ -239,7 +239,7 @@ def accuracy_under_attack(
       Accuracy in [0, 1].
     """
 
-    @tf.function
+    @tf.function(reduce_retracing=True)
     def correct_on_batch(images, labels):
         images = tf.cast(images, tf.float32)
         if attack is not None:

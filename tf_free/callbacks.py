@@ -50,6 +50,7 @@ class RobustnessEvaluation(keras.callbacks.Callback):
         self.verbose = verbose
         self.writer = tf.summary.create_file_writer(os.path.join(log_dir, "robustness"))
         self._start = None
+        self.last_results = None  # of the last epoch, if it was evaluated
 
     @property
     def pgd_name(self):
@@ -58,11 +59,14 @@ class RobustnessEvaluation(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._start = time.time()
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self.last_results = None
+
     def on_epoch_end(self, epoch, logs=None):
         last_epoch = epoch + 1 == self.params.get("epochs")
         if (epoch + 1) % self.every and not last_epoch:
             return
-        results = self.evaluate()
+        results = self.last_results = self.evaluate()
         if logs is not None:
             logs.update({f"val_{k}": v for k, v in results.items()})
         minutes = (time.time() - self._start) / 60

@@ -58,7 +58,7 @@ class TrainConfig:
     jit_compile: str = "auto"
     seed: int = 0
     eval_every: int = 1
-    eval_examples: int = 1000
+    eval_examples: int = 10000
     eval_pgd_steps: int = 20
     eval_pgd_step_size: float = 2.55
     train_examples: int | None = None
@@ -99,6 +99,11 @@ class TrainConfig:
             (
                 self.jit_compile in JIT_CHOICES,
                 f"--jit_compile must be one of {JIT_CHOICES}, got {self.jit_compile!r}",
+            ),
+            (
+                self.model != "wide_resnet"
+                or (self.wrn_depth >= 8 and (self.wrn_depth - 2) % 6 == 0),
+                f"--wrn_depth must be 6n+2 (8, 14, ..., 32), got {self.wrn_depth}",
             ),
             (self.eval_every >= 1, f"--eval_every must be >= 1, got {self.eval_every}"),
             (self.eval_examples >= 1, f"--eval_examples must be >= 1, got {self.eval_examples}"),
@@ -231,7 +236,10 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     in `export/` (or `config.export_dir`).
     """
     config.validate()
-    info = data.dataset_info(config.dataset, config.data_dir)
+    try:
+        info = data.dataset_info(config.dataset, config.data_dir)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     data.check_available(config.dataset, config.data_dir)
     check_model_dir_writable(config.model_dir)
     strategy = build_strategy(config.strategy)
@@ -308,6 +316,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     history = model.fit(
         train_ds,
         epochs=config.passes,
+        shuffle=False,  # the pipeline shuffles, seeded
         verbose=config.verbose,
         callbacks=[
             keras.callbacks.TensorBoard(log_dir=log_dir),
@@ -319,7 +328,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         ],
     )
     train_seconds = time.time() - start
-    final = robustness.evaluate()
+    final = robustness.last_results or robustness.evaluate()
     export_dir = config.export_dir or os.path.join(config.model_dir, "export")
     export.export_saved_model(base, export_dir)
     results = {
