@@ -56,6 +56,7 @@ class TrainConfig:
     export_dir: str | None = None
     strategy: str = "auto"
     jit_compile: str = "auto"
+    cpu_devices: int = 1
     seed: int = 0
     eval_every: int = 1
     eval_examples: int = 10000
@@ -105,6 +106,7 @@ class TrainConfig:
                 or (self.wrn_depth >= 8 and (self.wrn_depth - 2) % 6 == 0),
                 f"--wrn_depth must be 6n+2 (8, 14, ..., 32), got {self.wrn_depth}",
             ),
+            (self.cpu_devices >= 1, f"--cpu_devices must be >= 1, got {self.cpu_devices}"),
             (self.eval_every >= 1, f"--eval_every must be >= 1, got {self.eval_every}"),
             (self.eval_examples >= 1, f"--eval_examples must be >= 1, got {self.eval_examples}"),
             (self.eval_pgd_steps >= 1, f"--eval_pgd_steps must be >= 1, got {self.eval_pgd_steps}"),
@@ -144,12 +146,34 @@ def check_model_dir_writable(model_dir: str) -> None:
         raise ConfigError(f"--model_dir {model_dir!r} is not writable: {e.strerror}") from e
 
 
-def build_strategy(name: str) -> tf.distribute.Strategy:
-    """`auto` mirrors over all GPUs when there is more than one."""
+def configure_cpu_devices(cpu_devices: int) -> None:
+    """Without GPUs, splits the CPU into `cpu_devices` logical devices.
+
+    A stand-in for a multi-GPU machine: `--strategy=mirrored` then runs one
+    replica per logical CPU. It must run before TensorFlow initialises.
+    """
+    if cpu_devices <= 1 or tf.config.list_physical_devices("GPU"):
+        return
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    if len(tf.config.get_logical_device_configuration(cpu) or []) < cpu_devices:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_devices
+        )
+
+
+def build_strategy(name: str, cpu_devices: int = 1) -> tf.distribute.Strategy:
+    """`auto` mirrors over all GPUs when there is more than one.
+
+    Without GPUs, `mirrored` runs on the first `cpu_devices` logical CPUs.
+    """
+    gpus = tf.config.list_physical_devices("GPU")
     if name == "auto":
-        name = "mirrored" if len(tf.config.list_logical_devices("GPU")) > 1 else "default"
+        name = "mirrored" if len(gpus) > 1 else "default"
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
+        devices = None
+        if not gpus:
+            devices = [d.name for d in tf.config.list_logical_devices("CPU")][:cpu_devices]
+        return tf.distribute.MirroredStrategy(devices)
     return tf.distribute.get_strategy()
 
 
@@ -236,18 +260,19 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     in `export/` (or `config.export_dir`).
     """
     config.validate()
+    configure_cpu_devices(config.cpu_devices)
     try:
         info = data.dataset_info(config.dataset, config.data_dir)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     data.check_available(config.dataset, config.data_dir)
-    check_model_dir_writable(config.model_dir)
-    strategy = build_strategy(config.strategy)
+    strategy = build_strategy(config.strategy, config.cpu_devices)
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
         raise ConfigError(
             f"--batch_size {config.batch_size} is not divisible by the {replicas} replicas"
         )
+    check_model_dir_writable(config.model_dir)
     jit = resolve_jit(config.jit_compile, strategy)
     keras.utils.set_random_seed(config.seed)
 

@@ -86,6 +86,13 @@ flags.DEFINE_enum(
 flags.DEFINE_enum(
     "jit_compile", _DEFAULTS.jit_compile, experiment.JIT_CHOICES, "XLA; auto = on for one replica."
 )
+flags.DEFINE_integer(
+    "cpu_devices",
+    _DEFAULTS.cpu_devices,
+    "Without GPUs: split the CPU into N logical devices; --strategy=mirrored then runs N "
+    "replicas (to try multi-replica training on any machine).",
+    lower_bound=1,
+)
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed for weights, data order and attacks.")
 # Evaluation during training.
 flags.DEFINE_integer(
