@@ -43,32 +43,10 @@ def resnet50(input_shape, num_classes, *, mean=None, std=None, name="resnet50"):
 
 
 def resnet101(input_shape, num_classes, *, mean=None, std=None, name="resnet101"):
-    """ResNet-101 (`keras.applications.ResNet101`, weights=None) with a dense logits head.
-
-    Args:
-      input_shape: (H, W, C) of RGB float images in [0, 1]; at least 32x32.
-      num_classes: number of logits.
-      mean: per-channel mean subtracted inside the model (e.g. `IMAGENET_MEAN`).
-      std: per-channel std divided inside the model (e.g. `IMAGENET_STD`).
-      name: model name.
-
-    Returns:
-      A functional `keras.Model` returning logits.
-    """
+    """ResNet-101 (`keras.applications.ResNet101`, weights=None); arguments as `resnet50`."""
     return _resnet(keras.applications.ResNet101, input_shape, num_classes, mean, std, name)
 
 
 def resnet152(input_shape, num_classes, *, mean=None, std=None, name="resnet152"):
-    """ResNet-152 (`keras.applications.ResNet152`, weights=None) with a dense logits head.
-
-    Args:
-      input_shape: (H, W, C) of RGB float images in [0, 1]; at least 32x32.
-      num_classes: number of logits.
-      mean: per-channel mean subtracted inside the model (e.g. `IMAGENET_MEAN`).
-      std: per-channel std divided inside the model (e.g. `IMAGENET_STD`).
-      name: model name.
-
-    Returns:
-      A functional `keras.Model` returning logits.
-    """
+    """ResNet-152 (`keras.applications.ResNet152`, weights=None); arguments as `resnet50`."""
     return _resnet(keras.applications.ResNet152, input_shape, num_classes, mean, std, name)
