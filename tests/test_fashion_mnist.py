@@ -49,7 +49,7 @@ def _train_and_attack(model, epochs, train, test):
             keras.optimizers.schedules.CosineDecay(0.05, iterations), momentum=0.9
         ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=True,
+        jit_compile=False,  # XLA is slower on CPU (scripts/benchmark.py)
     )
     model.fit(train, epochs=epochs, verbose=0)
     assert int(model.optimizer.iterations) == iterations

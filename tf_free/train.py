@@ -84,7 +84,10 @@ flags.DEFINE_enum(
     "tf.distribute strategy; auto mirrors over >1 GPU.",
 )
 flags.DEFINE_enum(
-    "jit_compile", _DEFAULTS.jit_compile, experiment.JIT_CHOICES, "XLA; auto = on for one replica."
+    "jit_compile",
+    _DEFAULTS.jit_compile,
+    experiment.JIT_CHOICES,
+    "XLA; auto = on for one GPU/TPU replica, off on CPU (slower there) and under tf.distribute.",
 )
 flags.DEFINE_integer(
     "cpu_devices",
