@@ -209,7 +209,12 @@ def pgd(
 
         # tf.while_loop, not a Python loop: steps may be 100, and Keras runs
         # train_step unconverted by AutoGraph.
-        _, adv, best = tf.while_loop(lambda t, *_: t < steps, step, (tf.constant(0), adv, best))
+        # Stops early once every example is fooled: more steps cannot undo that.
+        _, adv, best = tf.while_loop(
+            lambda t, adv, best: (t < steps) & ~tf.reduce_all(best[1]),
+            step,
+            (tf.constant(0), adv, best),
+        )
         logits = model(adv)
         best = keep_best(best, adv, logits, loss_fn(labels, logits))
     return best[0]
