@@ -239,3 +239,30 @@ def test_larger_batch_than_delta_is_a_clear_error():
     with pytest.raises(ValueError, match="cannot take per-replica batches"):
         model.fit(as_dataset(make_batches((16, 16))), epochs=1, verbose=0)
     np.testing.assert_array_equal(model.perturbation.numpy(), before)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_delta_stays_finite_even_on_overflow(policy):
+    batches = make_batches((16, 16))
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = FreeAdversarialModel(make_base(), epsilon=EPSILON, replays=3)
+        optimizer = keras.optimizers.SGD(LR)
+        if policy == "mixed_float16":
+            # A loss scale of 2^28 overflows float16 gradients on the first
+            # replays: the optimizer skips those steps; δ must not turn NaN.
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=2.0**28)
+        model.compile(
+            optimizer=optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        model.fit(as_dataset(batches), epochs=4, verbose=0, shuffle=False)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    delta = model.perturbation.numpy()
+    assert np.isfinite(delta).all()
+    assert np.abs(delta).max() <= EPSILON + 1e-6
+    assert np.abs(delta).max() > 0.5 * EPSILON  # finite steps still move δ
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+    if policy == "mixed_float16":
+        assert float(model.optimizer.dynamic_scale) < 2.0**28  # overflow happened and was handled

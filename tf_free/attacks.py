@@ -66,6 +66,16 @@ def _check_budget(epsilon, step_size=None, steps=None, restarts=None):
         raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
 
 
+def gradient_sign(grad: tf.Tensor) -> tf.Tensor:
+    """sign(grad), with 0 where grad is not finite.
+
+    Under mixed precision the input gradient is still multiplied by the loss
+    scale (LossScaleOptimizer unscales weight gradients only); its sign is
+    right, but on overflow sign(NaN) = NaN would poison the perturbation.
+    """
+    return tf.where(tf.math.is_finite(grad), tf.sign(grad), tf.zeros_like(grad))
+
+
 def _logits_loss_grad(model, images, labels, loss_fn):
     """One forward and one backward pass: logits, per-example loss, ∇ₓ loss."""
     with tf.GradientTape() as tape:
@@ -125,7 +135,7 @@ def fgsm(
     loss_fn = _loss_fn(loss)
     images = tf.convert_to_tensor(images, tf.float32)
     _, _, grad = _logits_loss_grad(model, images, labels, loss_fn)
-    return _project(images + epsilon * tf.sign(grad), images, epsilon, clip_min, clip_max)
+    return _project(images + epsilon * gradient_sign(grad), images, epsilon, clip_min, clip_max)
 
 
 def pgd(
@@ -204,7 +214,9 @@ def pgd(
             # Each iterate is judged by the pass that also gives its gradient;
             # the starting point is not a candidate, so PGD-1 is FGSM.
             best = keep_best(best, adv, logits, losses, eligible=t > 0)
-            adv = _project(adv + step_size * tf.sign(grad), images, epsilon, clip_min, clip_max)
+            adv = _project(
+                adv + step_size * gradient_sign(grad), images, epsilon, clip_min, clip_max
+            )
             return t + 1, adv, best
 
         # tf.while_loop, not a Python loop: steps may be 100, and Keras runs

@@ -182,10 +182,13 @@ class FreeAdversarialModel(_AdversarialModel):
             weight_grads, delta_grad = tape.gradient(scaled_loss, [weights, delta])
             # θ ← θ − τ·g_θ, by the optimizer.
             self.optimizer.apply(weight_grads, weights)
-            # δ ← clip(δ + step·sign(g_adv), −ε, ε), with x+δ kept valid; the
+            # δ ← clip(δ + step·sign(g_adv), −ε, ε), with x+δ kept valid (a
+            # non-finite g_adv from an fp16 overflow gives no step); the
             # rows beyond a short batch keep their values.
             delta = tf.clip_by_value(
-                delta + self.step_size * tf.sign(delta_grad), -self.epsilon, self.epsilon
+                delta + self.step_size * attacks.gradient_sign(delta_grad),
+                -self.epsilon,
+                self.epsilon,
             )
             delta = tf.clip_by_value(x + delta, self.clip_min, self.clip_max) - x
             self.perturbation.assign(
