@@ -104,6 +104,7 @@ def test_quickstart_defaults_are_the_train_defaults(monkeypatch):
         ("model", "vgg16", "unknown --model"),
         ("method", "trades", "--method"),
         ("wrn_depth", 30, "--wrn_depth"),
+        ("mixed_precision", "fp8", "--mixed_precision"),
     ],
 )
 def test_config_rejects_bad_values(field, value, message):

@@ -22,6 +22,7 @@ from tf_free.free import FreeAdversarialModel, PGDAdversarialModel
 METHODS = ("free", "pgd", "natural")
 LR_SCHEDULES = ("piecewise", "cosine", "cyclic")
 STRATEGIES = ("auto", "default", "mirrored")
+PRECISIONS = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 JIT_CHOICES = ("auto", "true", "false")
 
 
@@ -57,6 +58,7 @@ class TrainConfig:
     strategy: str = "auto"
     jit_compile: str = "auto"
     cpu_devices: int = 1
+    mixed_precision: str = "none"
     seed: int = 0
     eval_every: int = 1
     eval_examples: int = 10000
@@ -105,6 +107,10 @@ class TrainConfig:
                 self.model != "wide_resnet"
                 or (self.wrn_depth >= 8 and (self.wrn_depth - 2) % 6 == 0),
                 f"--wrn_depth must be 6n+2 (8, 14, ..., 32), got {self.wrn_depth}",
+            ),
+            (
+                self.mixed_precision in PRECISIONS,
+                f"--mixed_precision must be one of {tuple(PRECISIONS)}, got {self.mixed_precision!r}",
             ),
             (self.cpu_devices >= 1, f"--cpu_devices must be >= 1, got {self.cpu_devices}"),
             (self.eval_every >= 1, f"--eval_every must be >= 1, got {self.eval_every}"),
@@ -286,6 +292,9 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     check_model_dir_writable(config.model_dir)
     jit = resolve_jit(config.jit_compile, strategy)
     keras.utils.set_random_seed(config.seed)
+    # fp16 wraps the optimizer in a LossScaleOptimizer at compile(); the input
+    # gradient stays scaled, which only its sign survives (attacks.gradient_sign).
+    keras.mixed_precision.set_global_policy(PRECISIONS[config.mixed_precision])
 
     train_ds = data.build_dataset(
         config.dataset,

@@ -96,6 +96,12 @@ flags.DEFINE_integer(
     "replicas (to try multi-replica training on any machine).",
     lower_bound=1,
 )
+flags.DEFINE_enum(
+    "mixed_precision",
+    _DEFAULTS.mixed_precision,
+    list(experiment.PRECISIONS),
+    "Keras mixed precision: bf16 or fp16 compute (float32 variables, δ and loss).",
+)
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed for weights, data order and attacks.")
 # Evaluation during training.
 flags.DEFINE_integer(
