@@ -325,6 +325,7 @@ def figure2() -> None:
     for row in rows:
         model = load_model(row)
         log(f"Fig. 2: BIM-{FLAGS.fig2_steps} (ε={eps255(eps)}, step {eps255(step)}) on {row}")
+        # Every image takes all its steps (early_stop=False), whatever the others do.
         adv = attacks.pgd(
             model,
             x,
@@ -333,6 +334,7 @@ def figure2() -> None:
             step_size=step,
             steps=FLAGS.fig2_steps,
             random_start=False,
+            early_stop=False,
         ).numpy()
         probs = tf.nn.softmax(model(adv)).numpy()
         clean_pred = predict(model, x).argmax(-1)

@@ -599,3 +599,21 @@ def test_attacks_on_saved_model(model, data, tmp_path):
     )
     robust = accuracy_under_attack(serve, ds, pgd, verbose=False, **kwargs)
     assert robust < np_accuracy(model, x, y) - 0.2
+
+
+def test_early_stop_only_saves_work(model, data):
+    """early_stop changes neither who is fooled nor, with early_stop=False, the step count."""
+    x, y = data
+    calls = []
+
+    def counting(images):
+        calls.append(1)
+        return model(images)
+
+    kwargs = dict(epsilon=0.5, step_size=0.1, steps=30, random_start=False)
+    stopped = pgd(model, x[:16], y[:16], **kwargs)
+    full = pgd(counting, x[:16], y[:16], early_stop=False, **kwargs)
+    assert len(calls) == 31  # eager: every step's forward pass plus the last one
+    fooled = lambda adv: np.argmax(model(adv), -1) != y[:16]  # noqa: E731
+    np.testing.assert_array_equal(fooled(stopped), fooled(full))
+    assert fooled(full).all()  # ε=0.5 fools this model everywhere, so early stop kicked in

@@ -152,6 +152,7 @@ def pgd(
     clip_min: float = 0.0,
     clip_max: float = 1.0,
     seed=0,
+    early_stop: bool = True,
 ) -> tf.Tensor:
     """L∞ projected gradient descent (Madry et al.), with restarts.
 
@@ -178,6 +179,9 @@ def pgd(
       clip_max: largest valid pixel value.
       seed: int or int tensor; restart r draws its start from the stateless
         seed (seed, r), so results are reproducible and restarts differ.
+      early_stop: stop once every example of the batch is fooled (accuracy
+        cannot change after that); False takes every step, as for pictures of
+        a full BIM (Fig. 2).
 
     Returns:
       The adversarial images, same shape as `images`.
@@ -221,9 +225,16 @@ def pgd(
 
         # tf.while_loop, not a Python loop: steps may be 100, and Keras runs
         # train_step unconverted by AutoGraph.
-        # Stops early once every example is fooled: more steps cannot undo that.
+        def keep_going(t, adv, best):
+            # With early_stop, stops once every example is fooled: more steps
+            # cannot undo that.
+            going = t < steps
+            if early_stop:
+                going = going & ~tf.reduce_all(best[1])
+            return going
+
         _, adv, best = tf.while_loop(
-            lambda t, adv, best: (t < steps) & ~tf.reduce_all(best[1]),
+            keep_going,
             step,
             (tf.constant(0), adv, best),
         )
