@@ -257,6 +257,9 @@ class PGDAdversarialModel(_AdversarialModel):
             clip_min=self.clip_min,
             clip_max=self.clip_max,
             seed=self.optimizer.iterations,
+            # Every step on every example: an early stop would make x_adv
+            # depend on which examples share the (per-replica) batch.
+            early_stop=False,
         )
         x_adv = tf.stop_gradient(x_adv)
         # Alg. 1, outer step: one SGD step on the loss at x_adv.
