@@ -527,20 +527,17 @@ def figure4() -> None:
         accuracy[row] = []
         for eps in epsilons:
             t = time.time()
-            if eps == 0:
-                acc = attacks.accuracy_under_attack(model, dataset, verbose=False)
-            else:
-                acc = attacks.accuracy_under_attack(
-                    model,
-                    dataset,
-                    attacks.pgd,
-                    verbose=False,
-                    epsilon=eps,
-                    step_size=2.5 * eps / steps,
-                    steps=steps,
-                    random_start=True,
-                    seed=FLAGS.seed,
-                )
+            name = "natural" if eps == 0 else f"pgd{steps}"
+            acc = experiment.evaluate_attacks(
+                model,
+                dataset,
+                [name],
+                epsilon=eps,
+                step_size=2.5 * eps / steps,
+                seed=FLAGS.seed,
+                verbose=False,
+            )[name]
+            acc /= 100.0
             accuracy[row].append(100.0 * acc)
             log(
                 f"Fig. 4: {ROWS[row]:>9}, ε={eps:<5g} ({eps255(eps)}): "
