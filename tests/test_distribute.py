@@ -2,8 +2,9 @@
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
-from test_free import EPSILON, as_dataset, compile_model, make_base, make_batches
+from test_free import EPSILON, IMAGE_SHAPE, as_dataset, compile_model, make_base, make_batches
 
 from tf_free import FreeAdversarialModel, PGDAdversarialModel
 
@@ -75,3 +76,96 @@ def test_free_model_under_two_replicas_exports_and_checkpoints(tmp_path):
     names = [name for name, _ in tf.train.list_variables(path)]
     assert any("perturbation" in name for name in names)
     assert keras.ops.all(keras.ops.isfinite(model.perturbation.read_value()))
+
+
+def _free(strategy=None, jit_compile=False):
+    with (strategy or tf.distribute.get_strategy()).scope():
+        return compile_model(
+            FreeAdversarialModel(make_base(), epsilon=EPSILON, replays=2), jit_compile
+        )
+
+
+def _global_delta(model):
+    values = model.distribute_strategy.experimental_local_results(model.perturbation)
+    return np.concatenate([v.numpy() for v in values])
+
+
+@pytest.mark.parametrize("save_replicas,restore_replicas", [(2, 1), (1, 2)])
+def test_checkpoint_restores_across_replica_counts(tmp_path, save_replicas, restore_replicas):
+    """δ is checkpointed as the global batch's rows, so R replicas restore under R'.
+
+    Reference: training on, from the restored state, must give what the run
+    that saved would have given (one device and two replicas train alike).
+    """
+
+    def strategy(replicas):
+        return tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"]) if replicas == 2 else None
+
+    first, second = make_batches((16, 16)), make_batches((16, 16), seed=7)
+    saver = _free(strategy(save_replicas))
+    saver.fit(as_dataset(first), epochs=1, verbose=0, shuffle=False)
+    saved_delta = _global_delta(saver)
+    assert np.abs(saved_delta).max() > 0
+    path = tf.train.Checkpoint(model=saver, optimizer=saver.optimizer).save(str(tmp_path / "c"))
+
+    restored = _free(strategy(restore_replicas))
+    restored.build_perturbation((16 // restore_replicas, *IMAGE_SHAPE))
+    with restored.distribute_strategy.scope():
+        restored.optimizer.build(restored.trainable_variables)
+    tf.train.Checkpoint(model=restored, optimizer=restored.optimizer).restore(
+        path
+    ).assert_existing_objects_matched()
+    np.testing.assert_array_equal(_global_delta(restored), saved_delta)
+    if restore_replicas == 2:  # each replica holds its own half, not the mean
+        halves = [v.numpy() for v in restored.perturbation.values]
+        np.testing.assert_array_equal(halves[0], saved_delta[:8])
+        np.testing.assert_array_equal(halves[1], saved_delta[8:])
+    for got, want in zip(restored.get_weights(), saver.get_weights()):
+        np.testing.assert_array_equal(got, want)
+
+    saver.fit(as_dataset(second), epochs=1, verbose=0, shuffle=False)
+    restored.fit(as_dataset(second), epochs=1, verbose=0, shuffle=False)
+    for got, want in zip(restored.get_weights(), saver.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_global_delta(restored), _global_delta(saver), atol=1e-6)
+
+
+def test_checkpoint_with_another_global_batch_is_a_clear_error(tmp_path):
+    saver = _free()
+    saver.fit(as_dataset(make_batches((16,))), epochs=1, verbose=0, shuffle=False)
+    path = tf.train.Checkpoint(model=saver).save(str(tmp_path / "c"))
+    other = _free(tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"]))
+    other.build_perturbation((4, *IMAGE_SHAPE))  # global batch 8, not 16
+    with pytest.raises(
+        ValueError, match=r"perturbation δ has shape \[16, 8, 8, 1\].*\[8, 8, 8, 1\]"
+    ):
+        tf.train.Checkpoint(model=other).restore(path)
+
+
+@pytest.mark.parametrize("model_class", ["free", "pgd"])
+def test_xla_per_replica_under_two_replicas_matches_no_xla(model_class):
+    """jit_compile="per_replica": each replica's forward/backward (and attack) in XLA."""
+
+    def make():
+        if model_class == "free":
+            return FreeAdversarialModel(make_base(), epsilon=EPSILON, replays=2)
+        return PGDAdversarialModel(
+            make_base(), epsilon=EPSILON, steps=2, step_size=0.05, random_start=False
+        )
+
+    batches = make_batches((16, 16, 6))
+    results = {}
+    for jit in (False, "per_replica"):
+        strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+        with strategy.scope():
+            model = compile_model(make(), jit_compile=jit)
+        history = model.fit(as_dataset(batches), epochs=1, verbose=0, shuffle=False)
+        results[jit] = (model, history.history["loss"])
+    xla, plain = results["per_replica"][0], results[False][0]
+    assert xla.xla_per_replica and not xla.jit_compile  # Keras's whole-step XLA stays off
+    assert xla._xla_functions  # the per-replica function was compiled and used
+    for got, want in zip(xla.get_weights(), plain.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(results["per_replica"][1], results[False][1], rtol=1e-4)
+    if model_class == "free":
+        np.testing.assert_allclose(_global_delta(xla), _global_delta(plain), atol=1e-5)

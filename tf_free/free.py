@@ -36,6 +36,32 @@ class _AdversarialModel(keras.Model):
     def call(self, inputs, training=False):
         return self.base_model(inputs, training=training)
 
+    def compile(self, *args, jit_compile="auto", **kwargs):
+        """Keras's compile, plus `jit_compile="per_replica"`.
+
+        Keras XLA-compiles the whole train step, which under tf.distribute
+        with several replicas it does not support (keras-team/keras#18716,
+        #19005): the step holds the all-reduce. "per_replica" instead compiles
+        each replica's own computation (forward, backward and, for PGD
+        training, the attack) with `tf.function(jit_compile=True)` and leaves
+        the all-reduce and the optimizer update outside XLA, so it works
+        under MirroredStrategy and MultiWorkerMirroredStrategy.
+        """
+        self.xla_per_replica = jit_compile == "per_replica"
+        super().compile(*args, jit_compile=False if self.xla_per_replica else jit_compile, **kwargs)
+
+    def _per_replica(self, fn):
+        """`fn` as it runs on each replica: XLA-compiled with "per_replica"."""
+        return self._xla(fn.__name__) if getattr(self, "xla_per_replica", False) else fn
+
+    def _xla(self, name):
+        # One compiled function per method, made once (the m replays share
+        # it) and kept out of Keras/checkpoint tracking.
+        cache = self.__dict__.setdefault("_xla_functions", {})
+        if name not in cache:
+            cache[name] = tf.function(getattr(self, name), jit_compile=True)
+        return cache[name]
+
     def _forward(self, x, y, sample_weight):
         """Forward pass in training mode: logits, loss, loss to differentiate."""
         y_pred = self(x, training=True)
@@ -111,7 +137,12 @@ class FreeAdversarialModel(_AdversarialModel):
         self.epsilon = float(epsilon)
         self.replays = int(replays)
         self.step_size = self.epsilon if step_size is None else float(step_size)
-        self.perturbation = None
+        self._perturbation = None
+
+    @property
+    def perturbation(self) -> tf.Variable | None:
+        """δ, one copy per replica (None until the first batch or `build_perturbation`)."""
+        return None if self._perturbation is None else self._perturbation.variable
 
     def build_perturbation(self, batch_shape) -> tf.Variable:
         """Creates δ = 0 of shape [per-replica batch, *image shape], if absent.
@@ -134,16 +165,17 @@ class FreeAdversarialModel(_AdversarialModel):
         with self.distribute_strategy.scope():
             # A plain tf.Variable (not a Keras weight): δ is training state, like
             # optimizer slots, and not part of the served model. ON_READ keeps
-            # one copy per replica; MEAN (not NONE) lets checkpoints and export
-            # handle it (see TECH_NOTES.md).
-            self.perturbation = tf.Variable(
+            # one copy per replica; MEAN (not NONE) lets export handle it (see
+            # TECH_NOTES.md). Checkpoints go through `_Perturbation`.
+            variable = tf.Variable(
                 tf.zeros(batch_shape, tf.float32),
                 trainable=False,
                 synchronization=tf.VariableSynchronization.ON_READ,
                 aggregation=tf.VariableAggregation.MEAN,
                 name="perturbation",
             )
-        return self.perturbation
+        self._perturbation = _Perturbation(variable, self.distribute_strategy)
+        return variable
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Keras peeks at the first batch here before it traces train_step
@@ -172,16 +204,13 @@ class FreeAdversarialModel(_AdversarialModel):
         # optimizer.apply fails under MirroredStrategy (TECH_NOTES.md).
         for _ in range(self.replays):
             delta = self.perturbation.read_value()[:batch]
-            # ONE forward pass on x+δ ...
-            with tf.GradientTape() as tape:
-                tape.watch(delta)
-                x_adv = tf.clip_by_value(x + delta, self.clip_min, self.clip_max)
-                y_pred, loss, scaled_loss = self._forward(x_adv, y, sample_weight)
-            # ... and ONE backward pass for both g_θ and g_adv = ∇δ loss.
-            weights = self.trainable_variables
-            weight_grads, delta_grad = tape.gradient(scaled_loss, [weights, delta])
-            # θ ← θ − τ·g_θ, by the optimizer.
-            self.optimizer.apply(weight_grads, weights)
+            # ONE forward pass on x+δ and ONE backward pass for both g_θ and
+            # g_adv = ∇δ loss (one GradientTape, in `_replay_gradients`).
+            y_pred, loss, weight_grads, delta_grad = self._per_replica(self._replay_gradients)(
+                x, y, sample_weight, delta
+            )
+            # θ ← θ − τ·g_θ, by the optimizer (the all-reduce over replicas).
+            self.optimizer.apply(weight_grads, self.trainable_variables)
             # δ ← clip(δ + step·sign(g_adv), −ε, ε), with x+δ kept valid (a
             # non-finite g_adv from an fp16 overflow gives no step); the
             # rows beyond a short batch keep their values.
@@ -196,6 +225,15 @@ class FreeAdversarialModel(_AdversarialModel):
             )
         # Metrics from the last replay's logits, as the paper reports training.
         return self._metrics_result(x, y, y_pred, loss, sample_weight)
+
+    def _replay_gradients(self, x, y, sample_weight, delta):
+        """One forward pass on x+δ, one backward pass: (logits, loss, g_θ, g_adv)."""
+        with tf.GradientTape() as tape:
+            tape.watch(delta)
+            x_adv = tf.clip_by_value(x + delta, self.clip_min, self.clip_max)
+            y_pred, loss, scaled_loss = self._forward(x_adv, y, sample_weight)
+        weight_grads, delta_grad = tape.gradient(scaled_loss, [self.trainable_variables, delta])
+        return y_pred, loss, weight_grads, delta_grad
 
     def get_config(self):
         return {
@@ -244,6 +282,15 @@ class PGDAdversarialModel(_AdversarialModel):
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x = tf.cast(x, tf.float32)
+        x_adv, y_pred, loss, grads = self._per_replica(self._attack_and_gradients)(
+            x, y, sample_weight
+        )
+        # Alg. 1, outer step: one SGD step on the loss at x_adv.
+        self.optimizer.apply(grads, self.trainable_variables)
+        return self._metrics_result(x_adv, y, y_pred, loss, sample_weight)
+
+    def _attack_and_gradients(self, x, y, sample_weight):
+        """x_adv by K-step PGD, then one forward/backward pass on it."""
         # Alg. 1, inner loop: x_adv by K-step PGD on the current weights, with
         # a fresh random start for every iteration.
         x_adv = attacks.pgd(
@@ -262,12 +309,9 @@ class PGDAdversarialModel(_AdversarialModel):
             early_stop=False,
         )
         x_adv = tf.stop_gradient(x_adv)
-        # Alg. 1, outer step: one SGD step on the loss at x_adv.
         with tf.GradientTape() as tape:
             y_pred, loss, scaled_loss = self._forward(x_adv, y, sample_weight)
-        weights = self.trainable_variables
-        self.optimizer.apply(tape.gradient(scaled_loss, weights), weights)
-        return self._metrics_result(x_adv, y, y_pred, loss, sample_weight)
+        return x_adv, y_pred, loss, tape.gradient(scaled_loss, self.trainable_variables)
 
     def get_config(self):
         return {
@@ -277,3 +321,49 @@ class PGDAdversarialModel(_AdversarialModel):
             "step_size": self.step_size,
             "random_start": self.random_start,
         }
+
+
+class _Perturbation(tf.__internal__.tracking.Trackable):
+    """Checkpoints δ as one global tensor: the replicas' δ stacked in replica order.
+
+    A checkpoint of the ON_READ variable itself would store the MEAN over
+    replicas. This stores [replicas × per-replica batch, *image] (row i·b+j is
+    row j of replica i's δ, i.e. the δ of the global batch's row i·b+j), so a
+    checkpoint written under R replicas restores under R' replicas of the same
+    global batch: each replica takes its own rows. Works with the default
+    strategy, MirroredStrategy and MultiWorkerMirroredStrategy (the gather is a
+    collective there: every worker saves, as tf.distribute requires).
+    """
+
+    def __init__(self, variable: tf.Variable, strategy: tf.distribute.Strategy):
+        self.variable = variable
+        self._strategy = strategy
+
+    def _serialize_to_tensors(self):
+        local = self._strategy.experimental_local_results(self.variable)
+        if len(local) < self._strategy.num_replicas_in_sync:  # other workers hold the rest
+            value = self._strategy.gather(self.variable, axis=0)
+        else:
+            # Concatenated here, not by `gather`: its collective keys clash
+            # between two MirroredStrategy objects in one process.
+            value = tf.concat([tf.identity(v) for v in local], axis=0)
+        return {"global_perturbation": value}
+
+    def _restore_from_tensors(self, restored_tensors):
+        value = restored_tensors["global_perturbation"]
+        rows = self.variable.shape[0]
+        replicas = self._strategy.num_replicas_in_sync
+        want = [rows * replicas, *self.variable.shape[1:]]
+        if value.shape.as_list() != want:
+            raise ValueError(
+                f"the checkpoint's perturbation δ has shape {value.shape.as_list()} "
+                f"(global batch, image), this run's is {want} ({replicas} replica(s) of "
+                f"{rows}): resume with the same global batch size and image size"
+            )
+
+        def assign_own_rows():
+            i = tf.distribute.get_replica_context().replica_id_in_sync_group
+            self.variable.assign(value[i * rows : (i + 1) * rows])
+
+        self._strategy.run(assign_own_rows)
+        return tf.no_op()
