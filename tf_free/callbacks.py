@@ -19,7 +19,8 @@ class RobustnessEvaluation(keras.callbacks.Callback):
     `keras.callbacks.TensorBoard`), with the epoch as step, like Keras's own
     epoch summaries:
       - `robustness/clean_accuracy`, `robustness/pgd{K}_accuracy`;
-      - `robustness/wall_time_minutes` since training began, and
+      - `robustness/wall_time_minutes` since training began (counting the
+        time before a resume: `previous_seconds`), and
         `robustness/iterations` (optimizer steps; free training counts replays);
       - `adversarial_examples`: the first images, clean next to attacked.
     The accuracies are also added to the epoch's `logs` (`val_clean_accuracy`,
@@ -38,6 +39,7 @@ class RobustnessEvaluation(keras.callbacks.Callback):
         num_images: int = 8,
         seed: int = 0,
         verbose: bool = True,
+        previous_seconds: float = 0.0,
     ):
         super().__init__()
         if every < 1:
@@ -50,6 +52,7 @@ class RobustnessEvaluation(keras.callbacks.Callback):
         self.verbose = verbose
         self.writer = tf.summary.create_file_writer(os.path.join(log_dir, "robustness"))
         self._start = None
+        self.previous_seconds = previous_seconds  # of training before a resume
         self.last_results = None  # of the last epoch, if it was evaluated
 
     @property
@@ -57,7 +60,7 @@ class RobustnessEvaluation(keras.callbacks.Callback):
         return f"pgd{self.steps}"
 
     def on_train_begin(self, logs=None):
-        self._start = time.time()
+        self._start = time.time() - self.previous_seconds
 
     def on_epoch_begin(self, epoch, logs=None):
         self.last_results = None

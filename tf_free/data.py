@@ -522,6 +522,11 @@ def _resize(image, image_size: int | None):
 # --------------------------------------------------------------------------
 
 
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """A per-epoch seed; distinct for every (seed, epoch) with epoch < 1,000,003."""
+    return seed * 1_000_003 + epoch
+
+
 def build_dataset(
     name: str,
     split: str,
@@ -533,6 +538,8 @@ def build_dataset(
     num_examples: int | None = None,
     drop_remainder: bool = False,
     image_size: int | None = None,
+    epoch: int | None = None,
+    skip: int = 0,
 ) -> tf.data.Dataset:
     """A batched, prefetched tf.data.Dataset of (float32 images in [0, 1], int64 labels).
 
@@ -555,6 +562,11 @@ def build_dataset(
       drop_remainder: drop a last partial batch.
       image_size: output side; ImageNet: crop size (default 224); others: a
         bilinear resize (required for datasets of variable image size).
+      epoch: training only: the dataset of this one epoch, its order and
+        augmentation a function of (seed, epoch) alone, so a resumed run sees
+        what an uninterrupted one would. None: every iteration reshuffles.
+      skip: training only: leave out the first `skip` examples of that order
+        (before decoding and augmentation), to resume within an epoch.
 
     Raises:
       ValueError: unknown dataset, or variable-size images without image_size.
@@ -574,6 +586,9 @@ def build_dataset(
     _prepare(builder, name)
 
     deterministic = seed is not None
+    reshuffle = epoch is None
+    if epoch is not None and seed is not None:
+        seed = _epoch_seed(seed, epoch)
     options = tf.data.Options()
     options.deterministic = deterministic
     if name in _CACHED:
@@ -585,7 +600,7 @@ def build_dataset(
         )
     read_config = tfds.ReadConfig(
         shuffle_seed=seed,
-        shuffle_reshuffle_each_iteration=True,
+        shuffle_reshuffle_each_iteration=reshuffle,
         try_autocache=False,  # we cache (decoded) ourselves where it pays
         options=options,
     )
@@ -611,7 +626,7 @@ def build_dataset(
             buffer = IMAGENET_SHUFFLE_BUFFER
         else:
             buffer = num_examples or spec.num_train_examples or 10_000
-        ds = ds.shuffle(min(buffer, 100_000), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(min(buffer, 100_000), seed=seed, reshuffle_each_iteration=reshuffle)
 
     size = image_size or (224 if imagenet else None)
     if imagenet and training:
@@ -629,8 +644,8 @@ def build_dataset(
         # numbers in thread order. `Dataset.random(rerandomize_each_iteration=True)`
         # draws new numbers each epoch from the same seed
         # (https://www.tensorflow.org/api_docs/python/tf/data/Dataset#random).
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip(ds, seeds)
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=reshuffle).batch(2)
+        ds = tf.data.Dataset.zip(ds, seeds).skip(skip)
         ds = ds.map(
             lambda example, s: (fn(example[0], s), example[1]),
             num_parallel_calls=tf.data.AUTOTUNE,

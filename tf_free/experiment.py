@@ -10,18 +10,18 @@ import dataclasses
 import json
 import math
 import os
-import time
+import shutil
 
 import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_free import attacks, callbacks, data, export, models
+from tf_free import attacks, callbacks, data, export, loop, models
 from tf_free.free import FreeAdversarialModel, PGDAdversarialModel
 
 METHODS = ("free", "pgd", "natural")
 LR_SCHEDULES = ("piecewise", "cosine", "cyclic")
-STRATEGIES = ("auto", "default", "mirrored")
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
 PRECISIONS = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 JIT_CHOICES = ("auto", "true", "false")
 
@@ -60,6 +60,9 @@ class TrainConfig:
     cpu_devices: int = 1
     mixed_precision: str = "none"
     seed: int = 0
+    deterministic: bool = False
+    checkpoint_every: int = 200
+    overwrite: bool = False
     eval_every: int = 1
     eval_examples: int = 10000
     eval_pgd_steps: int = 20
@@ -113,6 +116,10 @@ class TrainConfig:
                 f"--mixed_precision must be one of {tuple(PRECISIONS)}, got {self.mixed_precision!r}",
             ),
             (self.cpu_devices >= 1, f"--cpu_devices must be >= 1, got {self.cpu_devices}"),
+            (
+                self.checkpoint_every >= 0,
+                f"--checkpoint_every must be >= 0 (batches), got {self.checkpoint_every}",
+            ),
             (self.eval_every >= 1, f"--eval_every must be >= 1, got {self.eval_every}"),
             (self.eval_examples >= 1, f"--eval_examples must be >= 1, got {self.eval_examples}"),
             (self.eval_pgd_steps >= 1, f"--eval_pgd_steps must be >= 1, got {self.eval_pgd_steps}"),
@@ -138,6 +145,71 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+# Settings that do not change what is trained: a run may resume with other values.
+RUNTIME_FIELDS = frozenset(
+    {
+        "data_dir",
+        "model_dir",
+        "export_dir",
+        "strategy",
+        "jit_compile",
+        "cpu_devices",
+        "deterministic",
+        "checkpoint_every",
+        "overwrite",
+        "eval_every",
+        "eval_examples",
+        "eval_pgd_steps",
+        "eval_pgd_step_size",
+        "verbose",
+    }
+)
+# What a run folder holds; --overwrite removes exactly these.
+RUN_FILES = ("config.json", "checkpoints", "logs", "results.json", "export", "eval.json")
+
+
+def prepare_model_dir(config: TrainConfig, chief: bool = True) -> None:
+    """Checks that `model_dir` is new, or holds this same run (to resume), or --overwrite.
+
+    Raises ConfigError naming the settings that differ from the run already
+    there; nothing in the folder is touched then.
+    """
+    check_model_dir_writable(config.model_dir)
+    path = os.path.join(config.model_dir, "config.json")
+    if config.overwrite and chief:
+        for name in RUN_FILES:
+            target = os.path.join(config.model_dir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            elif os.path.exists(target):
+                os.remove(target)
+        logging.info("--overwrite: removed the previous run in %s", config.model_dir)
+    if os.path.exists(path) and not config.overwrite:
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(
+                f"--model_dir {config.model_dir!r} holds an unreadable config.json ({e}); "
+                "use another --model_dir, or --overwrite to start again there"
+            ) from e
+        new = json.loads(config.to_json())
+        differences = [
+            f"{key}={old.get(key)!r} there, {new[key]!r} now"
+            for key in sorted(new)
+            if key not in RUNTIME_FIELDS and old.get(key) != new[key]
+        ]
+        if differences:
+            raise ConfigError(
+                f"--model_dir {config.model_dir!r} holds another run ("
+                + "; ".join(differences)
+                + "). Use another --model_dir, or --overwrite to replace that run"
+            )
+    if chief:
+        with open(path, "w") as f:
+            f.write(config.to_json())
 
 
 def check_model_dir_writable(model_dir: str) -> None:
@@ -168,9 +240,13 @@ def configure_cpu_devices(cpu_devices: int) -> None:
 
 
 def build_strategy(name: str, cpu_devices: int = 1) -> tf.distribute.Strategy:
-    """`auto` mirrors over all GPUs when there is more than one.
+    """The tf.distribute strategy; create it before any other TensorFlow op runs.
 
-    Without GPUs, `mirrored` runs on the first `cpu_devices` logical CPUs.
+    auto: mirrored when more than one GPU is visible, else default. mirrored:
+    all GPUs, or without GPUs the first `cpu_devices` logical CPUs.
+    multi_worker: MultiWorkerMirroredStrategy, cluster from TF_CONFIG (see
+    scripts/launch_local_workers.sh). tpu: TPUStrategy on the TPU the
+    environment names (untested here: no TPU).
     """
     gpus = tf.config.list_physical_devices("GPU")
     if name == "auto":
@@ -180,33 +256,65 @@ def build_strategy(name: str, cpu_devices: int = 1) -> tf.distribute.Strategy:
         if not gpus:
             devices = [d.name for d in tf.config.list_logical_devices("CPU")][:cpu_devices]
         return tf.distribute.MirroredStrategy(devices)
+    if name == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise ConfigError(
+                "--strategy=multi_worker needs TF_CONFIG (the cluster and this worker's "
+                "index); scripts/launch_local_workers.sh sets it for workers on this machine"
+            )
+        try:
+            json.loads(os.environ["TF_CONFIG"])
+        except ValueError as e:
+            raise ConfigError(f"TF_CONFIG is not valid JSON: {e}") from e
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+        except (ValueError, tf.errors.OpError) as e:
+            raise ConfigError(f"--strategy=tpu: no TPU found ({e})") from e
+        return tf.distribute.TPUStrategy(resolver)
     return tf.distribute.get_strategy()
 
 
-def resolve_jit(setting: str, strategy: tf.distribute.Strategy) -> bool:
-    """Whether to XLA-compile the train step.
+def resolve_jit(setting: str, strategy: tf.distribute.Strategy, method: str = "free"):
+    """How to XLA-compile training: False, True (Keras, the whole step) or "per_replica".
 
-    auto: on for one replica on a GPU/TPU; off on CPU-only machines, where XLA
-    made these models slower here (scripts/benchmark.py: small CNN 41.7 vs
-    19.6 ms/iteration, PreAct ResNet-18 766 vs 591), as Keras's own "auto" does.
-    Under tf.distribute with several replicas it is off, with a log line.
+    auto: on for GPUs/TPUs, off on CPU-only machines, where XLA made these
+    models slower here (scripts/benchmark.py: small CNN 41.7 vs 19.6
+    ms/iteration, PreAct ResNet-18 766 vs 591), as Keras's own "auto" does.
+    With several replicas Keras cannot compile the step, which holds the
+    all-reduce (keras-team/keras#18716, #19005); free and PGD training then
+    compile each replica's forward/backward ("per_replica") and leave the
+    all-reduce outside. Natural training (a plain Keras model) goes on without
+    XLA, with a log line.
     """
     if setting == "false":
-        return False
-    if strategy.num_replicas_in_sync > 1:
-        # Keras disables XLA under tf.distribute (keras-team/keras#18716, #19005).
-        logging.warning(
-            "XLA is off: Keras does not XLA-compile train steps under tf.distribute "
-            "(%d replicas); training goes on without it.",
-            strategy.num_replicas_in_sync,
-        )
         return False
     if setting == "auto":
         accelerators = tf.config.list_physical_devices("GPU") + tf.config.list_physical_devices(
             "TPU"
         )
-        return bool(accelerators)
-    return True
+        if not accelerators:
+            return False
+    if strategy.num_replicas_in_sync == 1 and not isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy
+    ):
+        return True
+    if method == "natural":
+        logging.warning(
+            "XLA is off: natural training under tf.distribute (%d replicas) is not "
+            "XLA-compiled (Keras disables it, keras-team/keras#18716); training goes on.",
+            strategy.num_replicas_in_sync,
+        )
+        return False
+    logging.info(
+        "XLA: each of the %d replicas compiles its own forward/backward; the all-reduce "
+        "stays outside XLA.",
+        strategy.num_replicas_in_sync,
+    )
+    return "per_replica"
 
 
 class CyclicLR(keras.optimizers.schedules.LearningRateSchedule):
@@ -270,41 +378,65 @@ def build_model(config: TrainConfig, info) -> tuple[keras.Model, keras.Model]:
 
 
 def train_and_evaluate(config: TrainConfig) -> dict:
-    """Trains, evaluates and exports one model; returns the final metrics.
+    """Trains (or resumes), evaluates and exports one model; returns the final metrics.
 
     Everything goes to `config.model_dir`: `config.json`, TensorBoard logs in
     `logs/`, checkpoints in `checkpoints/`, `results.json`, and the SavedModel
-    in `export/` (or `config.export_dir`).
+    in `export/` (or `config.export_dir`). Started again on the same folder, a
+    run resumes from its latest checkpoint (see `tf_free.loop`); under
+    multi_worker only the chief writes logs, results and the export.
     """
     config.validate()
     configure_cpu_devices(config.cpu_devices)
+    strategy = build_strategy(config.strategy, config.cpu_devices)
+    chief = loop.is_chief(strategy)
     try:
         info = data.dataset_info(config.dataset, config.data_dir)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     data.check_available(config.dataset, config.data_dir)
-    strategy = build_strategy(config.strategy, config.cpu_devices)
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
         raise ConfigError(
             f"--batch_size {config.batch_size} is not divisible by the {replicas} replicas"
         )
-    check_model_dir_writable(config.model_dir)
-    jit = resolve_jit(config.jit_compile, strategy)
+    prepare_model_dir(config, chief)
+    jit = resolve_jit(config.jit_compile, strategy, config.method)
     keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
     # fp16 wraps the optimizer in a LossScaleOptimizer at compile(); the input
     # gradient stays scaled, which only its sign survives (attacks.gradient_sign).
     keras.mixed_precision.set_global_policy(PRECISIONS[config.mixed_precision])
 
-    train_ds = data.build_dataset(
-        config.dataset,
-        info.train_split,
-        batch_size=config.batch_size,
-        training=True,
-        data_dir=config.data_dir,
-        seed=config.seed,
-        num_examples=config.train_examples,
-    )
+    num_train = config.train_examples or info.num_train_examples
+    if config.train_examples:
+        num_train = min(num_train, info.num_train_examples)
+    # Across workers (and on TPUs) every step needs a full batch on every
+    # replica: drop the last partial one. MirroredStrategy takes it (free.py).
+    drop_remainder = config.strategy in ("multi_worker", "tpu")
+    if drop_remainder:
+        iterations_per_epoch = num_train // config.batch_size
+    else:
+        iterations_per_epoch = math.ceil(num_train / config.batch_size)
+    if iterations_per_epoch < 1:
+        raise ConfigError(f"fewer training examples ({num_train}) than --batch_size")
+    total_iterations = config.passes * iterations_per_epoch * config.replays
+
+    def make_train_dataset(epoch: int, skip_batches: int) -> tf.data.Dataset:
+        return data.build_dataset(
+            config.dataset,
+            info.train_split,
+            batch_size=config.batch_size,
+            training=True,
+            data_dir=config.data_dir,
+            seed=config.seed,
+            num_examples=config.train_examples,
+            drop_remainder=drop_remainder,
+            epoch=epoch,
+            skip=skip_batches * config.batch_size,
+        )
+
     eval_ds = data.build_dataset(
         config.dataset,
         info.eval_split,
@@ -313,11 +445,6 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         data_dir=config.data_dir,
         num_examples=config.eval_examples,
     )
-    num_train = config.train_examples or info.num_train_examples
-    if config.train_examples:
-        num_train = min(num_train, info.num_train_examples)
-    iterations_per_epoch = math.ceil(num_train / config.batch_size)
-    total_iterations = config.passes * iterations_per_epoch * config.replays
 
     with strategy.scope():
         model, base = build_model(config, info)
@@ -332,9 +459,33 @@ def train_and_evaluate(config: TrainConfig) -> dict:
             metrics=["accuracy"],
             jit_compile=jit,
         )
+        # Everything a checkpoint holds exists before it is restored.
+        optimizer.build(model.trainable_variables)
+        if isinstance(model, FreeAdversarialModel):
+            model.build_perturbation((config.batch_size // replicas, *base.input_shape[1:]))
 
-    with open(os.path.join(config.model_dir, "config.json"), "w") as f:
-        f.write(config.to_json())
+    state = loop.TrainState(model, os.path.join(config.model_dir, "checkpoints"), strategy)
+    try:
+        resumed = state.restore()
+    except loop.CheckpointError as e:
+        raise ConfigError(str(e)) from e
+    if resumed and int(state.epoch) >= config.passes:
+        logging.info(
+            "%s holds a finished run (%s): evaluating and exporting it",
+            config.model_dir,
+            state.latest,
+        )
+    elif resumed:
+        logging.info(
+            "Resuming from %s: epoch %d of %d, batch %d of %d, iteration %d of %d",
+            state.latest,
+            int(state.epoch) + 1,
+            config.passes,
+            int(state.batch),
+            iterations_per_epoch,
+            int(optimizer.iterations),
+            total_iterations,
+        )
     log_dir = os.path.join(config.model_dir, "logs")
     epsilon = config.epsilon / 255.0
     robustness = callbacks.RobustnessEvaluation(
@@ -345,6 +496,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         steps=config.eval_pgd_steps,
         every=config.eval_every,
         verbose=bool(config.verbose),
+        previous_seconds=float(state.seconds),
     )
     logging.info(
         "Training %s (%s, m=%d) on %s: %d pass(es) x %d batches x %d replays = %d iterations",
@@ -357,36 +509,42 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         config.replays,
         total_iterations,
     )
-    start = time.time()
-    history = model.fit(
-        train_ds,
+    # TensorBoard and evaluation on the chief only (the others would write the same).
+    chief_callbacks = [keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False), robustness]
+    history = loop.fit(
+        model,
+        make_train_dataset,
+        strategy=strategy,
         epochs=config.passes,
-        shuffle=False,  # the pipeline shuffles, seeded
-        verbose=config.verbose,
-        callbacks=[
-            keras.callbacks.TensorBoard(log_dir=log_dir),
-            robustness,
-            keras.callbacks.ModelCheckpoint(
-                os.path.join(config.model_dir, "checkpoints", "last.weights.h5"),
-                save_weights_only=True,
-            ),
-        ],
+        steps_per_epoch=iterations_per_epoch,
+        state=state,
+        callbacks=chief_callbacks if chief else [],
+        checkpoint_every=config.checkpoint_every,
+        verbose=config.verbose if chief else 0,
     )
-    train_seconds = time.time() - start
-    final = robustness.last_results or robustness.evaluate()
     export_dir = config.export_dir or os.path.join(config.model_dir, "export")
+    if not chief:  # every worker exports (as it saves); only the chief's is kept
+        temporary = os.path.join(
+            config.model_dir, f".export-worker-{strategy.cluster_resolver.task_id}"
+        )
+        export.export_saved_model(base, temporary)
+        shutil.rmtree(temporary, ignore_errors=True)
+        return {"iterations": int(optimizer.iterations), "chief": False}
+    final = robustness.last_results or robustness.evaluate()
     export.export_saved_model(base, export_dir)
     results = {
         **final,
-        "train_minutes": train_seconds / 60,
-        "iterations": int(model.optimizer.iterations),
-        "train_loss": float(history.history["loss"][-1]),
-        "train_accuracy": float(history.history["accuracy"][-1]),
+        "train_minutes": float(state.seconds) / 60,
+        "iterations": int(optimizer.iterations),
+        "resumed": resumed,
         "epsilon": epsilon,
         "eval_examples": config.eval_examples,
         "log_dir": os.path.abspath(log_dir),
         "export_dir": os.path.abspath(export_dir),
     }
+    if history.history.get("loss"):  # empty when a finished run is started again
+        results["train_loss"] = float(history.history["loss"][-1])
+        results["train_accuracy"] = float(history.history["accuracy"][-1])
     with open(os.path.join(config.model_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     return results

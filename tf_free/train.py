@@ -8,7 +8,7 @@ import sys
 
 from absl import app, flags, logging
 
-from tf_free import data, experiment
+from tf_free import data, experiment, loop
 
 _DEFAULTS = experiment.TrainConfig()
 
@@ -81,13 +81,14 @@ flags.DEFINE_enum(
     "strategy",
     _DEFAULTS.strategy,
     experiment.STRATEGIES,
-    "tf.distribute strategy; auto mirrors over >1 GPU.",
+    "tf.distribute strategy; auto mirrors over >1 GPU; multi_worker reads TF_CONFIG "
+    "(scripts/launch_local_workers.sh); tpu is untested.",
 )
 flags.DEFINE_enum(
     "jit_compile",
     _DEFAULTS.jit_compile,
     experiment.JIT_CHOICES,
-    "XLA; auto = on for one GPU/TPU replica, off on CPU (slower there) and under tf.distribute.",
+    "XLA; auto = on with GPUs/TPUs (per replica under tf.distribute), off on CPU (slower there).",
 )
 flags.DEFINE_integer(
     "cpu_devices",
@@ -103,6 +104,25 @@ flags.DEFINE_enum(
     "Keras mixed precision: bf16 or fp16 compute (float32 variables, δ and loss).",
 )
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed for weights, data order and attacks.")
+flags.DEFINE_bool(
+    "deterministic",
+    _DEFAULTS.deterministic,
+    "TensorFlow op determinism: the same run gives the same weights, also when resumed.",
+)
+# Checkpoints and resuming.
+flags.DEFINE_integer(
+    "checkpoint_every",
+    _DEFAULTS.checkpoint_every,
+    "Checkpoint every N batches, and at the end of every pass (0: pass ends only). Started "
+    "again with the same --model_dir, a run resumes from its latest checkpoint.",
+    lower_bound=0,
+)
+flags.DEFINE_bool(
+    "overwrite",
+    _DEFAULTS.overwrite,
+    "Start again in a --model_dir that holds a run (its checkpoints, logs, results and "
+    "export are deleted). Without it, a run with other settings there is an error.",
+)
 # Evaluation during training.
 flags.DEFINE_integer(
     "eval_every",
@@ -147,7 +167,7 @@ def main(argv):
     try:
         config = config_from_flags()
         results = experiment.train_and_evaluate(config)
-    except (experiment.ConfigError, data.DataError) as e:
+    except (experiment.ConfigError, data.DataError, loop.TrainingError) as e:
         sys.exit(f"tf_free.train: error: {e}")
     logging.info("results: %s", results)
     print(

@@ -1,0 +1,192 @@
+"""The training loop of `tf_free.train`: `strategy.run(model.train_step)`, resumable.
+
+Keras's `fit` cannot resume within an epoch, does not checkpoint δ, and is
+broken under MultiWorkerMirroredStrategy in Keras 3 (keras-team/keras#20585).
+This is the thin loop of TensorFlow's custom-training guide
+(https://www.tensorflow.org/tutorials/distribute/custom_training): the same
+`train_step` under any strategy, Keras callbacks (progress bar, TensorBoard,
+robustness) called as `fit` calls them, and a `tf.train.CheckpointManager`
+holding everything a resumed run needs:
+
+- the model's weights, the optimizer's slots and `iterations` (so the
+  learning-rate schedule continues), δ for every replica (`free._Perturbation`);
+- the epoch, the number of batches done in it (the data order of an epoch is
+  a function of the seed and the epoch: `data.build_dataset(epoch=, skip=)`),
+  and the training time so far.
+
+TensorFlow writes a checkpoint's files first and then, atomically, the
+`checkpoint` index that names the latest one, so a kill mid-save leaves the
+previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a checkpoint that cannot be written)."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be restored into this run."""
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Worker 0 (or the only process) writes TensorBoard logs, checkpoints and exports."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    return resolver.task_type == "chief" or (
+        resolver.task_type == "worker"
+        and resolver.task_id == 0
+        and "chief" not in resolver.cluster_spec().as_dict()
+    )
+
+
+class TrainState:
+    """The model, the optimizer and where training is, as one checkpoint."""
+
+    def __init__(self, model: keras.Model, directory: str, strategy, max_to_keep: int = 2):
+        self.model = model
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        self.batch = tf.Variable(0, dtype=tf.int64, trainable=False, name="batch_in_epoch")
+        self.seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="train_seconds")
+        self.checkpoint = tf.train.Checkpoint(
+            model=model,
+            optimizer=model.optimizer,
+            epoch=self.epoch,
+            batch_in_epoch=self.batch,
+            train_seconds=self.seconds,
+        )
+        self.directory = directory
+        self.chief = is_chief(strategy)
+        # Every worker saves (the δ gather is a collective); only the chief's
+        # copy is kept (https://www.tensorflow.org/tutorials/distribute/multi_worker_with_keras).
+        write_dir = directory
+        if not self.chief:
+            write_dir = os.path.join(directory, f".worker-{strategy.cluster_resolver.task_id}")
+        self.manager = tf.train.CheckpointManager(self.checkpoint, write_dir, max_to_keep)
+
+    @property
+    def latest(self) -> str | None:
+        return tf.train.latest_checkpoint(self.directory)
+
+    def restore(self) -> bool:
+        """Restores the latest checkpoint of `directory`; False if there is none."""
+        path = self.latest
+        if path is None:
+            return False
+        try:
+            self.checkpoint.restore(path).assert_existing_objects_matched()
+        except (tf.errors.OpError, ValueError, AssertionError) as e:
+            reason = str(e).strip().splitlines()[0][:400]
+            raise CheckpointError(
+                f"cannot restore checkpoint {path}: {reason}. It is left as it is; use "
+                "another --model_dir, or --overwrite to start this one again."
+            ) from e
+        return True
+
+    def save(self) -> str:
+        try:
+            path = self.manager.save(checkpoint_number=int(self.model.optimizer.iterations))
+        except (tf.errors.OpError, OSError) as e:
+            reason = getattr(e, "message", None) or str(e)
+            raise TrainingError(
+                f"could not write a checkpoint to {self.manager.directory}: {reason.strip()}. "
+                f"The previous checkpoint ({self.latest or 'none'}) is kept."
+            ) from e
+        if not self.chief:
+            shutil.rmtree(self.manager.directory, ignore_errors=True)
+        return path
+
+
+def fit(
+    model: keras.Model,
+    make_dataset: Callable[[int, int], tf.data.Dataset],
+    *,
+    strategy: tf.distribute.Strategy,
+    epochs: int,
+    steps_per_epoch: int,
+    state: TrainState,
+    callbacks: list[keras.callbacks.Callback] = (),
+    checkpoint_every: int = 0,
+    verbose: int = 1,
+) -> keras.callbacks.History:
+    """Trains from where `state` stands to `epochs` epochs; checkpoints as it goes.
+
+    Args:
+      make_dataset: (epoch, batches to skip) -> that epoch's dataset of global
+        batches, the same on every worker (the strategy shards it).
+      state: restored (or fresh) `TrainState`; saved at the end of every epoch
+        and every `checkpoint_every` batches (0: epoch ends only).
+
+    Raises:
+      TrainingError: the loss became NaN or infinite (the checkpoint before it
+        is kept), or a checkpoint could not be written.
+    """
+    callback_list = keras.callbacks.CallbackList(
+        list(callbacks),
+        add_history=True,
+        add_progbar=verbose != 0,
+        model=model,
+        verbose=verbose,
+        epochs=epochs,
+        steps=steps_per_epoch,
+    )
+
+    @tf.function
+    def train_function(iterator):
+        outputs = strategy.run(model.train_step, args=(next(iterator),))
+        # As Keras's fit: the mean over replicas of each replica's metric results.
+        return {k: strategy.reduce("MEAN", v, axis=None) for k, v in outputs.items()}
+
+    model.stop_training = False
+    callback_list.on_train_begin()
+    logs = {}
+    start_epoch = int(state.epoch)
+    for epoch in range(start_epoch, epochs):
+        skip = int(state.batch) if epoch == start_epoch else 0
+        model.reset_metrics()
+        callback_list.on_epoch_begin(epoch)
+        dataset = strategy.experimental_distribute_dataset(make_dataset(epoch, skip))
+        iterator = iter(dataset)
+        started = time.time()
+        for step in range(skip, steps_per_epoch):
+            callback_list.on_train_batch_begin(step)
+            logs = train_function(iterator)
+            logs = {k: float(v) for k, v in logs.items()}
+            if not math.isfinite(logs["loss"]):
+                raise TrainingError(
+                    f"the training loss is {logs['loss']} at epoch {epoch + 1}, batch "
+                    f"{step + 1} (iteration {int(model.optimizer.iterations)}); stopped. "
+                    f"The last good checkpoint is kept: {state.latest or 'none'}."
+                )
+            done = step + 1 == steps_per_epoch
+            if done or (checkpoint_every and (step + 1) % checkpoint_every == 0):
+                state.epoch.assign(epoch + 1 if done else epoch)
+                state.batch.assign(0 if done else step + 1)
+                state.seconds.assign_add(time.time() - started)
+                started = time.time()
+                state.save()
+            callback_list.on_train_batch_end(step, logs)
+            if model.stop_training:
+                break
+        callback_list.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
+    callback_list.on_train_end(logs)
+    logging.info("training done: epoch %d, %d iterations", int(state.epoch), _iterations(model))
+    return model.history
+
+
+def _iterations(model) -> int:
+    return int(model.optimizer.iterations)
