@@ -26,6 +26,32 @@ the memory column (peak `tf.config.experimental.get_memory_info("GPU:0")` while 
 is built and warmed up). On CPU the column is how much the process's resident memory grew
 while the method was built and warmed up: approximate, since memory freed by one method is
 reused by the next. `build_strategy` is the hook for other tf.distribute strategies.
+
+Scaling over replicas (weak scaling):
+
+    python scripts/benchmark.py --strategy=mirrored --replicas=all --model=preact_resnet18 \
+        --batch_size=64 --m=4 --jit_compile=both
+
+times every replica count R in `--replicas` (`all`: 1..number of GPUs, or of `--cpu_devices`
+logical CPUs on a machine without GPUs) under a MirroredStrategy over the first R devices.
+`--batch_size` is then the PER-REPLICA batch: the global batch is batch_size x R, so each
+device does the same work at every R. Scaling efficiency = images/s(R) / (R x images/s(1))
+(relative to the smallest R given if 1 is not), per method and XLA setting; the Markdown
+table goes to stdout and to `--json_out`. The methods are interleaved within each replica
+count, but the replica counts run one after another, so on a shared machine a change of
+background load between them shows up in the efficiency (each result records the load).
+
+XLA under several replicas: Keras's `jit_compile=True` compiles the whole train step, all-
+reduce included, and fails under MirroredStrategy with more than one replica. So "XLA on"
+means `jit_compile="per_replica"` for free and PGD training (each replica's forward/backward
+and attack XLA-compiled, the all-reduce outside XLA); in scaling runs at every R, 1
+included, so that every R runs the same code. Natural training is a plain Keras model,
+which cannot be compiled per replica: with XLA on it is timed (whole step) at one replica
+only, and at R > 1 only its XLA-off rows exist.
+
+Without GPUs the replicas are logical devices of one CPU: they share its cores, and one
+logical device already uses all of them through intra-op threads, so CPU efficiencies say
+next to nothing about multi-GPU scaling (expect about 1/R). Measure on GPUs for that figure.
 """
 
 from __future__ import annotations
@@ -53,7 +79,7 @@ import tensorflow as tf  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tf_free  # noqa: E402
-from tf_free import models  # noqa: E402
+from tf_free import experiment, models  # noqa: E402
 
 # (height/width, channels, classes) when --image_size/--channels/--num_classes are not given.
 DEFAULT_SHAPES = {
@@ -76,7 +102,9 @@ flags.DEFINE_string(
 flags.DEFINE_integer("image_size", None, "Image height and width (default: the model's).")
 flags.DEFINE_integer("channels", None, "Image channels (default: the model's).")
 flags.DEFINE_integer("num_classes", None, "Number of classes (default: the model's).")
-flags.DEFINE_integer("batch_size", 64, "Global batch size.", lower_bound=1)
+flags.DEFINE_integer(
+    "batch_size", 64, "Global batch size; with --replicas, the per-replica batch.", lower_bound=1
+)
 flags.DEFINE_integer("m", 4, "Free training: replays of each minibatch.", lower_bound=1)
 flags.DEFINE_integer("pgd_steps", 7, "PGD training: attack steps K.", lower_bound=1)
 flags.DEFINE_float("epsilon", 8.0, "L-inf budget in 0-255 pixel units.", lower_bound=0)
@@ -85,6 +113,19 @@ flags.DEFINE_enum("jit_compile", "true", ["true", "false", "both"], "XLA for the
 flags.DEFINE_enum("mixed_precision", "none", list(POLICIES), "Keras dtype policy.")
 flags.DEFINE_enum(
     "strategy", "default", ["default", "mirrored"], "tf.distribute strategy (see build_strategy)."
+)
+flags.DEFINE_list(
+    "replicas",
+    [],
+    "Weak scaling: replica counts to time, e.g. 1,2,4, or 'all' (1..number of GPUs, or of "
+    "--cpu_devices logical CPUs without GPUs). Needs --strategy=mirrored; --batch_size is "
+    "then per replica.",
+)
+flags.DEFINE_integer(
+    "cpu_devices",
+    1,
+    "Without GPUs, split the CPU into this many logical devices for --strategy=mirrored.",
+    lower_bound=1,
 )
 flags.DEFINE_integer(
     "warmup", 3, "Untimed batches per method (tracing, XLA compilation).", lower_bound=1
@@ -106,16 +147,42 @@ flags.DEFINE_integer("data_batches", 4, "Distinct synthetic batches held in memo
 flags.DEFINE_string("json_out", None, "Also write the configuration and results here as JSON.")
 
 
-def build_strategy(name: str) -> tf.distribute.Strategy:
-    """The hook for distributed timing: `default` is one device, `mirrored` all local GPUs.
+def replica_devices() -> list[str]:
+    """The devices replicas run on: the GPUs, else the first --cpu_devices logical CPUs."""
+    devices = tf.config.list_logical_devices("GPU")
+    devices = devices or tf.config.list_logical_devices("CPU")[: FLAGS.cpu_devices]
+    return [d.name for d in devices]
+
+
+def build_strategy(name: str, replicas: int | None = None) -> tf.distribute.Strategy:
+    """The hook for distributed timing: `default` is one device, `mirrored` the first
+    `replicas` of `replica_devices()` (all of them when `replicas` is None).
 
     Models are built and compiled in `strategy.scope()` and `fit` splits the global batch,
     so another strategy only needs a branch here (and, for multi-worker, a custom loop:
     Keras 3's `fit` does not work under MultiWorkerMirroredStrategy, see TECH_NOTES.md).
     """
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
+        return tf.distribute.MirroredStrategy(replica_devices()[:replicas])
     return tf.distribute.get_strategy()
+
+
+def xla_setting(method, xla, replicas, scaling):
+    """The jit_compile `method` is compiled with in the XLA on/off pass; None: not timed.
+
+    Keras's jit_compile=True (the whole step) fails under more than one replica; free and
+    PGD training then use "per_replica" (in scaling runs at every R, so all R run the same
+    code). Natural training is a plain Keras model: XLA-compiled at one replica only.
+    """
+    if not xla:
+        return False
+    if method == "natural":
+        return True if replicas == 1 else None
+    return "per_replica" if replicas > 1 or scaling else True
+
+
+def xla_label(setting):
+    return {False: "off", True: "whole step", "per_replica": "per replica"}[setting]
 
 
 class BatchTimer(keras.callbacks.Callback):
@@ -260,20 +327,29 @@ def _time_round_robin(methods, trainers, ds):
             t["step_ms"].append([round(1e3 * x, 3) for x in timer.times])
 
 
-def time_methods(methods, jit, strategy, ds, shape, num_classes):
+def time_methods(methods, jit, settings, strategy, ds, batch, shape, num_classes):
     """Builds and warms up every method, then times them round-robin.
 
     Interleaving the repeats (natural, free, pgd, natural, ...; the order rotates each
     repeat) exposes every method to the same background load, so the ratios stay
-    meaningful on a shared machine even when the absolute times drift.
+    meaningful on a shared machine even when the absolute times drift. `jit` is the pass
+    (XLA on or off), `settings[method]` the jit_compile the method is compiled with and
+    `batch` the global batch.
     """
     trainers = {}
+    replicas = strategy.num_replicas_in_sync
+    load = _load_average()
     for method in methods:
-        logging.info("building and warming up %s, jit_compile=%s", method, jit)
+        logging.info(
+            "building and warming up %s, %d replica(s), jit_compile=%s",
+            method,
+            replicas,
+            settings[method],
+        )
         rss_before = _rss_bytes()
         with PeakMemory() as memory:
             with strategy.scope():
-                model, base = build_trainer(method, shape, num_classes, jit)
+                model, base = build_trainer(method, shape, num_classes, settings[method])
             start = time.perf_counter()
             model.fit(ds, steps_per_epoch=FLAGS.warmup, epochs=1, verbose=0, shuffle=False)
             warmup_s = time.perf_counter() - start
@@ -325,11 +401,15 @@ def time_methods(methods, jit, strategy, ds, shape, num_classes):
                 "method": method,
                 "label": _label(method),
                 "jit_compile": jit,
+                "xla": xla_label(settings[method]),
+                "replicas": replicas,
+                "global_batch": batch,
+                "load_average_before": load,
                 "ms_per_iteration": 1e3 * seconds,
                 "ms_per_iteration_repeats": [1e3 * s for s in t["per_iteration"]],
                 "ms_per_iteration_min": 1e3 * min(t["per_iteration"]),
                 "ms_per_batch": 1e3 * seconds * steps_per_batch,
-                "images_per_s": FLAGS.batch_size / seconds,
+                "images_per_s": batch / seconds,
                 "iterations_per_batch": steps_per_batch,
                 "optimizer_iterations_timed": counted,
                 "fit_overhead_ms_per_call": 1e3 * statistics.median(t["fit_overhead"]),
@@ -356,12 +436,11 @@ def _load_average():
         return None
 
 
-def print_table(results, jit):
-    rows = [r for r in results if r["jit_compile"] == jit]
+def print_table(rows, title):
     natural = next((r for r in rows if r["method"] == "natural"), None)
     gpu = rows and rows[0]["memory_growth_mib"] is None
     mem = "GPU peak MiB" if gpu else "+RSS MiB"
-    print(f"\njit_compile={jit}")
+    print(f"\n{title}")
     header = (
         f"{'method':<12}{'ms/iteration':>14}{'ms/batch':>11}{'images/s':>11}"
         f"{'vs natural':>12}{'best ms/it':>12}{'best vs nat':>13}{mem:>14}{'warm-up s':>11}"
@@ -384,6 +463,8 @@ def print_table(results, jit):
             f"{r['images_per_s']:>11.1f}{ratio_text:>12}{best:>12.2f}{best_text:>13}{memory:>14.0f}"
             f"{r['warmup_s']:>11.1f}   {repeats}"
         )
+    if natural and natural["xla"] != rows[-1]["xla"]:
+        print(f"(natural with XLA {natural['xla']}, the others {rows[-1]['xla']})")
     if natural:
         for r in rows:
             if r["method"] == "free":
@@ -401,6 +482,54 @@ def print_table(results, jit):
                 )
 
 
+def scaling_table(results):
+    """Adds `scaling_efficiency` to every result; returns the Markdown table.
+
+    Efficiency = images/s(R) / (R x images/s(R0) / R0), R0 the smallest R timed with the
+    same method and XLA setting (1 when 1 was timed).
+    """
+    lines = [
+        "| replicas | global batch | XLA | method | ms/iteration | images/s | efficiency |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    order = {"off": 0, "whole step": 1, "per replica": 2}
+    rows = sorted(
+        results, key=lambda r: (order[r["xla"]], METHODS.index(r["method"]), r["replicas"])
+    )
+    for r in rows:
+        base = min(
+            (b for b in results if (b["method"], b["xla"]) == (r["method"], r["xla"])),
+            key=lambda b: b["replicas"],
+        )
+        r["scaling_efficiency"] = (r["images_per_s"] / r["replicas"]) / (
+            base["images_per_s"] / base["replicas"]
+        )
+        lines.append(
+            f"| {r['replicas']} | {r['global_batch']} | {r['xla']} | {r['label']} "
+            f"| {r['ms_per_iteration']:.2f} | {r['images_per_s']:.1f} "
+            f"| {r['scaling_efficiency']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def replica_counts():
+    """--replicas as a sorted list of ints (empty without --replicas)."""
+    values = [v.strip() for v in FLAGS.replicas if v.strip()]
+    if not values:
+        return []
+    available = len(replica_devices())
+    if values == ["all"]:
+        return list(range(1, available + 1))
+    try:
+        counts = sorted({int(v) for v in values})
+    except ValueError:
+        raise app.UsageError("--replicas must be 'all' or a list of integers") from None
+    if counts[0] < 1 or counts[-1] > available:
+        where = "GPUs" if tf.config.list_logical_devices("GPU") else "logical CPUs (--cpu_devices)"
+        raise app.UsageError(f"--replicas must be in 1..{available}: {available} {where}")
+    return counts
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -411,17 +540,19 @@ def main(argv):
         raise app.UsageError(f"--methods must be a subset of {','.join(METHODS)}")
     if FLAGS.warmup % FLAGS.steps_per_execution or FLAGS.iterations % FLAGS.steps_per_execution:
         raise app.UsageError("--steps_per_execution must divide --warmup and --iterations")
+    if FLAGS.replicas and FLAGS.strategy != "mirrored":
+        raise app.UsageError("--replicas needs --strategy=mirrored")
+    experiment.configure_cpu_devices(FLAGS.cpu_devices)  # before TensorFlow initialises
     shape, num_classes = input_shape(FLAGS.model)
     keras.mixed_precision.set_global_policy(POLICIES[FLAGS.mixed_precision])
-    strategy = build_strategy(FLAGS.strategy)
-    replicas = strategy.num_replicas_in_sync
-    if FLAGS.batch_size % replicas:
-        raise app.UsageError(f"--batch_size must be divisible by the {replicas} replicas")
+    counts = replica_counts()
+    scaling = bool(counts)
+    if not scaling:
+        strategy = build_strategy(FLAGS.strategy)
+        counts = [strategy.num_replicas_in_sync]
+        if FLAGS.batch_size % counts[0]:
+            raise app.UsageError(f"--batch_size must be divisible by the {counts[0]} replicas")
     jits = {"true": [True], "false": [False], "both": [True, False]}[FLAGS.jit_compile]
-    if replicas > 1 and True in jits:
-        # Keras does not XLA-compile fit under tf.distribute (keras-team/keras#18716).
-        logging.warning("XLA is not timed under %d replicas; jit_compile=False only", replicas)
-        jits = [False]
 
     gpus = tf.config.list_physical_devices("GPU")
     print(
@@ -432,14 +563,29 @@ def main(argv):
     print(
         f"model={FLAGS.model} input={shape} classes={num_classes} batch={FLAGS.batch_size} "
         f"m={FLAGS.m} K={FLAGS.pgd_steps} policy={keras.mixed_precision.global_policy().name} "
-        f"strategy={FLAGS.strategy} ({replicas} replica(s)) warmup={FLAGS.warmup} "
-        f"repeats={FLAGS.repeats} iterations/repeat={FLAGS.iterations} batches"
+        f"strategy={FLAGS.strategy} (replicas: {','.join(map(str, counts))}) "
+        f"warmup={FLAGS.warmup} repeats={FLAGS.repeats} "
+        f"iterations/repeat={FLAGS.iterations} batches"
     )
-    ds = synthetic_dataset(shape, num_classes, FLAGS.batch_size, FLAGS.data_batches, FLAGS.seed)
+    if scaling:
+        print(
+            f"Weak scaling over {replica_devices()[: counts[-1]]}: per-replica batch "
+            f"{FLAGS.batch_size} fixed, global batch = {FLAGS.batch_size} x replicas."
+        )
     results = []
     load_before = _load_average()
-    for jit in jits:
-        results += time_methods(methods, jit, strategy, ds, shape, num_classes)
+    for replicas in counts:
+        if scaling:
+            strategy = build_strategy("mirrored", replicas)
+        batch = FLAGS.batch_size * replicas if scaling else FLAGS.batch_size
+        ds = synthetic_dataset(shape, num_classes, batch, FLAGS.data_batches, FLAGS.seed)
+        for jit in jits:
+            settings = {m: xla_setting(m, jit, replicas, scaling) for m in methods}
+            timed = [m for m in methods if settings[m] is not None]
+            if timed:
+                results += time_methods(
+                    timed, jit, settings, strategy, ds, batch, shape, num_classes
+                )
     load_after = _load_average()
     print(
         "\nOne iteration = one optimizer step (free: batch time / m); median over repeats, "
@@ -456,15 +602,44 @@ def main(argv):
         if not gpus
         else "GPU peak MiB: peak GPU:0 memory while the method was built and warmed up."
     )
-    for jit in jits:
-        print_table(results, jit)
+    for replicas in counts:
+        for jit in jits:
+            rows = [r for r in results if (r["replicas"], r["jit_compile"]) == (replicas, jit)]
+            if not rows:
+                continue
+            print_table(
+                rows,
+                f"{replicas} replica(s), global batch {rows[0]['global_batch']}, "
+                f"XLA {'on' if jit else 'off'}",
+            )
+    if True in jits and max(counts) > 1 and "natural" in methods:
+        print(
+            "\nXLA on with more than one replica: free/PGD use jit_compile='per_replica'; "
+            "natural (a plain Keras model, which Keras cannot XLA-compile under several "
+            "replicas) is timed with XLA off only there."
+        )
+    table = None
+    if scaling:
+        table = scaling_table(results)
+        print(
+            f"\nWeak scaling (per-replica batch {FLAGS.batch_size}; efficiency = images/s(R) / "
+            f"(R x images/s({counts[0]})) per method and XLA setting; median over repeats):\n"
+        )
+        print(table)
+        if not gpus:
+            print(
+                f"\nNo GPUs: the replicas are logical devices of one CPU sharing its "
+                f"{os.cpu_count()} cores, and one device already uses all of them through "
+                "intra-op threads, so these efficiencies say next to nothing about multi-GPU "
+                "scaling. Run on GPUs for that figure."
+            )
     if FLAGS.json_out:
         config = {
             name: FLAGS[name].value
             for name in (
                 "model batch_size m pgd_steps epsilon pgd_step_size jit_compile "
                 "mixed_precision strategy warmup repeats iterations steps_per_execution seed "
-                "data_batches"
+                "data_batches cpu_devices"
             ).split()
         }
         config.update(
@@ -475,12 +650,14 @@ def main(argv):
             keras=keras.__version__,
             cpu_count=os.cpu_count(),
             gpus=[g.name for g in gpus],
-            replicas=replicas,
+            replicas=counts,
+            weak_scaling=scaling,
+            global_batches=[FLAGS.batch_size * r if scaling else FLAGS.batch_size for r in counts],
             load_average_before=load_before,
             load_average_after=load_after,
         )
         with open(FLAGS.json_out, "w") as f:
-            json.dump({"config": config, "results": results}, f, indent=2)
+            json.dump({"config": config, "results": results, "scaling_table": table}, f, indent=2)
         print(f"\nwrote {FLAGS.json_out}")
 
 

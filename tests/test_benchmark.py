@@ -1,0 +1,64 @@
+"""scripts/benchmark.py: a tiny weak-scaling run over 1 and 2 logical CPUs, XLA on and off."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def test_weak_scaling_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "scripts", "benchmark.py"),
+            "--strategy=mirrored",
+            "--replicas=1,2",
+            "--cpu_devices=2",
+            "--model=small_cnn",
+            "--image_size=16",
+            "--batch_size=4",
+            "--m=2",
+            "--methods=natural,free",
+            "--jit_compile=both",
+            "--warmup=1",
+            "--repeats=1",
+            "--iterations=1",
+            "--data_batches=1",
+            f"--json_out={out}",
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["config"]["replicas"] == [1, 2]
+    assert report["config"]["global_batches"] == [4, 8]
+    rows = {(r["replicas"], r["xla"], r["method"]): r for r in report["results"]}
+    # Natural: XLA (whole step) at one replica only; free: per replica at both counts.
+    assert set(rows) == {
+        (1, "off", "natural"),
+        (2, "off", "natural"),
+        (1, "whole step", "natural"),
+        (1, "off", "free"),
+        (2, "off", "free"),
+        (1, "per replica", "free"),
+        (2, "per replica", "free"),
+    }
+    for (replicas, _, method), r in rows.items():
+        assert r["global_batch"] == 4 * replicas
+        assert r["optimizer_iterations_timed"] == (2 if method == "free" else 1)
+        assert r["images_per_s"] > 0
+        if replicas == 1:
+            assert r["scaling_efficiency"] == 1.0
+        else:
+            assert r["scaling_efficiency"] > 0
+    assert "| replicas | global batch | XLA | method |" in report["scaling_table"]
+    assert report["scaling_table"] in done.stdout
+    assert "No GPUs" in done.stdout
