@@ -77,7 +77,10 @@ class RobustnessEvaluation(keras.callbacks.Callback):
             for name, value in results.items():
                 tf.summary.scalar(f"robustness/{name}", value)
             tf.summary.scalar("robustness/wall_time_minutes", minutes)
-            tf.summary.scalar("robustness/iterations", int(self.model.optimizer.iterations))
+            tf.summary.scalar(
+                "robustness/iterations",
+                int(keras.ops.convert_to_numpy(self.model.optimizer.iterations.value)),
+            )
             self._write_images()
         self.writer.flush()
         if self.verbose:

@@ -207,9 +207,10 @@ def prepare_model_dir(config: TrainConfig, chief: bool = True) -> None:
                 + "; ".join(differences)
                 + "). Use another --model_dir, or --overwrite to replace that run"
             )
-    if chief:
-        with open(path, "w") as f:
+    if chief:  # atomically: another worker may be reading it
+        with open(path + ".tmp", "w") as f:
             f.write(config.to_json())
+        os.replace(path + ".tmp", path)
 
 
 def check_model_dir_writable(model_dir: str) -> None:
@@ -401,6 +402,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
             f"--batch_size {config.batch_size} is not divisible by the {replicas} replicas"
         )
     prepare_model_dir(config, chief)
+    loop.barrier(strategy)  # the other workers wait for the chief's --overwrite
     jit = resolve_jit(config.jit_compile, strategy, config.method)
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
@@ -483,20 +485,25 @@ def train_and_evaluate(config: TrainConfig) -> dict:
             config.passes,
             int(state.batch),
             iterations_per_epoch,
-            int(optimizer.iterations),
+            loop.iterations(model),
             total_iterations,
         )
     log_dir = os.path.join(config.model_dir, "logs")
     epsilon = config.epsilon / 255.0
-    robustness = callbacks.RobustnessEvaluation(
-        eval_ds,
-        log_dir=log_dir,
-        epsilon=epsilon,
-        step_size=config.eval_pgd_step_size / 255.0,
-        steps=config.eval_pgd_steps,
-        every=config.eval_every,
-        verbose=bool(config.verbose),
-        previous_seconds=float(state.seconds),
+    # TensorBoard and evaluation on the chief only (the others would write the same).
+    robustness = (
+        callbacks.RobustnessEvaluation(
+            eval_ds,
+            log_dir=log_dir,
+            epsilon=epsilon,
+            step_size=config.eval_pgd_step_size / 255.0,
+            steps=config.eval_pgd_steps,
+            every=config.eval_every,
+            verbose=bool(config.verbose),
+            previous_seconds=float(state.seconds),
+        )
+        if chief
+        else None
     )
     logging.info(
         "Training %s (%s, m=%d) on %s: %d pass(es) x %d batches x %d replays = %d iterations",
@@ -509,8 +516,6 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         config.replays,
         total_iterations,
     )
-    # TensorBoard and evaluation on the chief only (the others would write the same).
-    chief_callbacks = [keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False), robustness]
     history = loop.fit(
         model,
         make_train_dataset,
@@ -518,10 +523,14 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         epochs=config.passes,
         steps_per_epoch=iterations_per_epoch,
         state=state,
-        callbacks=chief_callbacks if chief else [],
+        callbacks=[keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False), robustness]
+        if chief
+        else [],
         checkpoint_every=config.checkpoint_every,
         verbose=config.verbose if chief else 0,
     )
+    fingerprint = loop.weights_fingerprint(model)
+    logging.info("final weights: sha256 %s (identical on every worker)", fingerprint)
     export_dir = config.export_dir or os.path.join(config.model_dir, "export")
     if not chief:  # every worker exports (as it saves); only the chief's is kept
         temporary = os.path.join(
@@ -529,14 +538,15 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         )
         export.export_saved_model(base, temporary)
         shutil.rmtree(temporary, ignore_errors=True)
-        return {"iterations": int(optimizer.iterations), "chief": False}
+        return {"iterations": loop.iterations(model), "weights_sha256": fingerprint}
     final = robustness.last_results or robustness.evaluate()
     export.export_saved_model(base, export_dir)
     results = {
         **final,
         "train_minutes": float(state.seconds) / 60,
-        "iterations": int(optimizer.iterations),
+        "iterations": loop.iterations(model),
         "resumed": resumed,
+        "weights_sha256": fingerprint,
         "epsilon": epsilon,
         "eval_examples": config.eval_examples,
         "log_dir": os.path.abspath(log_dir),

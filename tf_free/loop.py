@@ -21,6 +21,7 @@ previous checkpoint as the latest.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -50,6 +51,20 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
         and resolver.task_id == 0
         and "chief" not in resolver.cluster_spec().as_dict()
     )
+
+
+def barrier(strategy: tf.distribute.Strategy) -> None:
+    """Waits for every worker (a no-op in one process): an all-reduce of nothing."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """sha256 of the model's weights: equal on every worker after a synchronous step."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(keras.ops.convert_to_numpy(weight).tobytes())
+    return digest.hexdigest()
 
 
 class TrainState:
@@ -97,7 +112,7 @@ class TrainState:
 
     def save(self) -> str:
         try:
-            path = self.manager.save(checkpoint_number=int(self.model.optimizer.iterations))
+            path = self.manager.save(checkpoint_number=iterations(self.model))
         except (tf.errors.OpError, OSError) as e:
             reason = getattr(e, "message", None) or str(e)
             raise TrainingError(
@@ -149,6 +164,7 @@ def fit(
         # As Keras's fit: the mean over replicas of each replica's metric results.
         return {k: strategy.reduce("MEAN", v, axis=None) for k, v in outputs.items()}
 
+    _build_metrics(model, strategy, make_dataset(int(state.epoch), 0))
     model.stop_training = False
     callback_list.on_train_begin()
     logs = {}
@@ -157,8 +173,7 @@ def fit(
         skip = int(state.batch) if epoch == start_epoch else 0
         model.reset_metrics()
         callback_list.on_epoch_begin(epoch)
-        dataset = strategy.experimental_distribute_dataset(make_dataset(epoch, skip))
-        iterator = iter(dataset)
+        iterator = iter(_distribute(strategy, make_dataset(epoch, skip)))
         started = time.time()
         for step in range(skip, steps_per_epoch):
             callback_list.on_train_batch_begin(step)
@@ -167,7 +182,7 @@ def fit(
             if not math.isfinite(logs["loss"]):
                 raise TrainingError(
                     f"the training loss is {logs['loss']} at epoch {epoch + 1}, batch "
-                    f"{step + 1} (iteration {int(model.optimizer.iterations)}); stopped. "
+                    f"{step + 1} (iteration {iterations(model)}); stopped. "
                     f"The last good checkpoint is kept: {state.latest or 'none'}."
                 )
             done = step + 1 == steps_per_epoch
@@ -184,9 +199,58 @@ def fit(
         if model.stop_training:
             break
     callback_list.on_train_end(logs)
-    logging.info("training done: epoch %d, %d iterations", int(state.epoch), _iterations(model))
+    logging.info("training done: epoch %d, %d iterations", int(state.epoch), iterations(model))
     return model.history
 
 
-def _iterations(model) -> int:
-    return int(model.optimizer.iterations)
+def _build_metrics(model, strategy, dataset: tf.data.Dataset) -> None:
+    """Creates the loss and metric variables before `train_function` is traced.
+
+    Under MirroredStrategy a tf.function that creates variables on its first
+    call fails ("You must feed a value for placeholder tensor"); Keras's `fit`
+    builds them beforehand too (`_symbolic_build`).
+    """
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(next(iter(dataset.take(1))))
+    x, y = x[:1], y[:1]
+    sample_weight = None if sample_weight is None else sample_weight[:1]
+    with strategy.scope():
+        y_pred = model(x)
+        model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+        model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+    model.reset_metrics()
+
+
+def _distribute(strategy, dataset: tf.data.Dataset):
+    """Splits each global batch into contiguous per-replica slices, in replica order.
+
+    Within one process that is what `experimental_distribute_dataset` does.
+    Across workers its auto-sharding would deal examples out one by one;
+    instead every worker reads the same global batches and keeps its own
+    replicas' slices, so replica i gets rows [i·b, (i+1)·b) whatever the
+    number of workers (and δ's rows mean the same thing in a checkpoint).
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return strategy.experimental_distribute_dataset(dataset)
+
+    def worker_dataset(context: tf.distribute.InputContext):
+        local = context.num_replicas_in_sync // context.num_input_pipelines
+        first = context.input_pipeline_id * local
+
+        def own_slices(*batch):
+            per_replica = tf.shape(batch[0])[0] // context.num_replicas_in_sync
+            rows = tf.range(first * per_replica, (first + local) * per_replica)
+            return tf.data.Dataset.from_tensor_slices(
+                tuple(
+                    tf.reshape(tf.gather(t, rows), tf.concat([[local, -1], tf.shape(t)[1:]], 0))
+                    for t in batch
+                )
+            )
+
+        return dataset.flat_map(own_slices)
+
+    return strategy.distribute_datasets_from_function(worker_dataset)
+
+
+def iterations(model: keras.Model) -> int:
+    """`optimizer.iterations` as an int (`int()` fails on a multi-worker variable)."""
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations.value))

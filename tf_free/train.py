@@ -170,6 +170,9 @@ def main(argv):
     except (experiment.ConfigError, data.DataError, loop.TrainingError) as e:
         sys.exit(f"tf_free.train: error: {e}")
     logging.info("results: %s", results)
+    if "clean_accuracy" not in results:  # a multi-worker non-chief: the chief reports
+        print(f"\nworker done: weights sha256 {results['weights_sha256']}")
+        return
     print(
         f"\nclean accuracy {100 * results['clean_accuracy']:.2f}%, "
         f"PGD-{config.eval_pgd_steps} accuracy "
