@@ -173,6 +173,8 @@ RUN_FILES = ("config.json", "checkpoints", "logs", "results.json", "export", "ev
 def prepare_model_dir(config: TrainConfig, chief: bool = True) -> None:
     """Checks that `model_dir` is new, or holds this same run (to resume), or --overwrite.
 
+    With --overwrite (on the chief) the previous run's files are deleted.
+
     Raises ConfigError naming the settings that differ from the run already
     there; nothing in the folder is touched then.
     """
@@ -207,10 +209,14 @@ def prepare_model_dir(config: TrainConfig, chief: bool = True) -> None:
                 + "; ".join(differences)
                 + "). Use another --model_dir, or --overwrite to replace that run"
             )
-    if chief:  # atomically: another worker may be reading it
-        with open(path + ".tmp", "w") as f:
-            f.write(config.to_json())
-        os.replace(path + ".tmp", path)
+
+
+def write_config(config: TrainConfig) -> None:
+    """`model_dir/config.json`, atomically (another worker may be reading it)."""
+    path = os.path.join(config.model_dir, "config.json")
+    with open(path + ".tmp", "w") as f:
+        f.write(config.to_json())
+    os.replace(path + ".tmp", path)
 
 
 def check_model_dir_writable(model_dir: str) -> None:
@@ -471,6 +477,8 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         resumed = state.restore()
     except loop.CheckpointError as e:
         raise ConfigError(str(e)) from e
+    if chief:  # only now: a run that cannot resume leaves the folder as it was
+        write_config(config)
     if resumed and int(state.epoch) >= config.passes:
         logging.info(
             "%s holds a finished run (%s): evaluating and exporting it",

@@ -102,7 +102,7 @@ class TrainState:
             return False
         try:
             self.checkpoint.restore(path).assert_existing_objects_matched()
-        except (tf.errors.OpError, ValueError, AssertionError) as e:
+        except Exception as e:  # noqa: BLE001 - TF raises OpError, ValueError, IndexError...
             reason = str(e).strip().splitlines()[0][:400]
             raise CheckpointError(
                 f"cannot restore checkpoint {path}: {reason}. It is left as it is; use "
@@ -110,13 +110,25 @@ class TrainState:
             ) from e
         return True
 
+    def save_at(self, epoch: int, batch: int, started: float | None = None) -> float:
+        """Checkpoints "`batch` batches of `epoch` done"; adds the time since `started`."""
+        if started is not None:
+            self.seconds.assign_add(time.time() - started)
+        self.epoch.assign(epoch)
+        self.batch.assign(batch)
+        self.save()
+        return time.time()
+
     def save(self) -> str:
         try:
             path = self.manager.save(checkpoint_number=iterations(self.model))
         except (tf.errors.OpError, OSError) as e:
-            reason = getattr(e, "message", None) or str(e)
+            # TF prefixes the OS's reason ("No space left on device") with op names.
+            reason = (getattr(e, "message", None) or str(e)).strip().rsplit("; ", 1)[-1]
+            for partial in tf.io.gfile.glob(os.path.join(self.manager.directory, "*_temp")):
+                tf.io.gfile.rmtree(partial)
             raise TrainingError(
-                f"could not write a checkpoint to {self.manager.directory}: {reason.strip()}. "
+                f"could not write a checkpoint to {self.manager.directory}: {reason}. "
                 f"The previous checkpoint ({self.latest or 'none'}) is kept."
             ) from e
         if not self.chief:
@@ -175,6 +187,7 @@ def fit(
         callback_list.on_epoch_begin(epoch)
         iterator = iter(_distribute(strategy, make_dataset(epoch, skip)))
         started = time.time()
+        position = skip
         for step in range(skip, steps_per_epoch):
             callback_list.on_train_batch_begin(step)
             logs = train_function(iterator)
@@ -185,17 +198,21 @@ def fit(
                     f"{step + 1} (iteration {iterations(model)}); stopped. "
                     f"The last good checkpoint is kept: {state.latest or 'none'}."
                 )
-            done = step + 1 == steps_per_epoch
-            if done or (checkpoint_every and (step + 1) % checkpoint_every == 0):
-                state.epoch.assign(epoch + 1 if done else epoch)
-                state.batch.assign(0 if done else step + 1)
-                state.seconds.assign_add(time.time() - started)
-                started = time.time()
-                state.save()
+            position = step + 1
+            if checkpoint_every and position % checkpoint_every == 0 and position < steps_per_epoch:
+                started = state.save_at(epoch, position, started)
             callback_list.on_train_batch_end(step, logs)
             if model.stop_training:
                 break
+        state.seconds.assign_add(time.time() - started)
+        # Evaluation and TensorBoard first, then the epoch's checkpoint: a run
+        # killed in between redoes the epoch's end, so its summaries are
+        # written once, never skipped.
         callback_list.on_epoch_end(epoch, logs)
+        if position == steps_per_epoch:
+            state.save_at(epoch + 1, 0)
+        else:  # stopped by a callback
+            state.save_at(epoch, position)
         if model.stop_training:
             break
     callback_list.on_train_end(logs)
