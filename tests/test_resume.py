@@ -56,12 +56,13 @@ def _run(model_dir, *flags, preexec_fn=None):
     )
 
 
-def _run_and_kill(model_dir, checkpoint_number, *flags):
-    """Starts a run and SIGKILLs it once checkpoint `ckpt-<number>` is written."""
+def _run_and_kill(model_dir, checkpoint_number, *flags, sig=signal.SIGKILL):
+    """Starts a run and kills it once checkpoint `ckpt-<number>` is written; returns stderr."""
     process = subprocess.Popen(
         _command(model_dir, *flags),
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
         env=_env(),
         cwd=ROOT,
     )
@@ -71,9 +72,10 @@ def _run_and_kill(model_dir, checkpoint_number, *flags):
         assert process.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
     assert not os.path.exists(os.path.join(model_dir, "results.json"))
+    return process.returncode, stderr
 
 
 def _results(model_dir):
@@ -142,6 +144,15 @@ def test_sigkill_mid_epoch_without_determinism_ends_within_noise(uninterrupted, 
     assert got["iterations"] == PLANNED_ITERATIONS
     assert abs(got["clean_accuracy"] - want["clean_accuracy"]) <= 0.05
     assert abs(got["pgd20_accuracy"] - want["pgd20_accuracy"]) <= 0.05
+
+
+def test_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path):
+    model_dir = str(tmp_path / "run")
+    code, stderr = _run_and_kill(model_dir, 20, "--checkpoint_every=10", sig=signal.SIGINT)
+    assert code == 130
+    assert "tf_free.train: interrupted. The latest checkpoint is" in stderr
+    assert "run the same command again to resume" in stderr
+    assert "Traceback" not in stderr
 
 
 def test_partial_checkpoint_files_from_a_kill_during_save_are_ignored(uninterrupted, tmp_path):

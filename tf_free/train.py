@@ -6,6 +6,7 @@ sizes are in the paper's 0-255 pixel units; the model sees images in [0, 1].
 
 import sys
 
+import tensorflow as tf
 from absl import app, flags, logging
 
 from tf_free import data, experiment, loop
@@ -169,6 +170,15 @@ def main(argv):
         results = experiment.train_and_evaluate(config)
     except (experiment.ConfigError, data.DataError, loop.TrainingError) as e:
         sys.exit(f"tf_free.train: error: {e}")
+    except KeyboardInterrupt:
+        # Not saved here: a step may have run after the last recorded position.
+        latest = tf.train.latest_checkpoint(f"{FLAGS.model_dir}/checkpoints")
+        print(
+            f"\ntf_free.train: interrupted. The latest checkpoint is {latest or 'none'}; "
+            "run the same command again to resume.",
+            file=sys.stderr,
+        )
+        sys.exit(130)
     logging.info("results: %s", results)
     if "clean_accuracy" not in results:  # a multi-worker non-chief: the chief reports
         print(f"\nworker done: weights sha256 {results['weights_sha256']}")
