@@ -170,9 +170,13 @@ def fit(
         steps=steps_per_epoch,
     )
 
+    step_function = model.train_step
+    if model.jit_compile is True:  # one replica: XLA-compile the whole step, as fit does
+        step_function = tf.function(model.train_step, jit_compile=True)
+
     @tf.function
     def train_function(iterator):
-        outputs = strategy.run(model.train_step, args=(next(iterator),))
+        outputs = strategy.run(step_function, args=(next(iterator),))
         # As Keras's fit: the mean over replicas of each replica's metric results.
         return {k: strategy.reduce("MEAN", v, axis=None) for k, v in outputs.items()}
 

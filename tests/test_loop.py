@@ -1,0 +1,82 @@
+"""tf_free.loop.fit (the application's loop) against Keras's own fit."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from test_free import EPSILON, IMAGE_SHAPE, as_dataset, compile_model, make_base, make_batches
+
+from tf_free import FreeAdversarialModel, PGDAdversarialModel, loop
+
+
+def _model(kind, strategy=None, jit_compile=False):
+    with (strategy or tf.distribute.get_strategy()).scope():
+        if kind == "free":
+            model = FreeAdversarialModel(make_base(), epsilon=EPSILON, replays=2)
+        else:
+            model = PGDAdversarialModel(
+                make_base(), epsilon=EPSILON, steps=2, step_size=0.05, random_start=False
+            )
+        model = compile_model(model, jit_compile=jit_compile)
+        model.optimizer.build(model.trainable_variables)
+        if kind == "free":
+            model.build_perturbation(
+                (16 // model.distribute_strategy.num_replicas_in_sync, *IMAGE_SHAPE)
+            )
+    return model
+
+
+def _loop_fit(model, batches, tmp_path, epochs=2):
+    strategy = model.distribute_strategy
+    state = loop.TrainState(model, str(tmp_path), strategy)
+    history = loop.fit(
+        model,
+        lambda epoch, skip: as_dataset(batches).skip(skip),
+        strategy=strategy,
+        epochs=epochs,
+        steps_per_epoch=len(batches),
+        state=state,
+        verbose=0,
+    )
+    return history.history["loss"]
+
+
+@pytest.mark.parametrize("kind", ["free", "pgd"])
+def test_loop_matches_keras_fit(kind, tmp_path):
+    batches = make_batches((16, 16, 6))
+    keras_model = _model(kind)
+    keras_loss = keras_model.fit(as_dataset(batches), epochs=2, verbose=0, shuffle=False)
+    ours = _model(kind)
+    our_loss = _loop_fit(ours, batches, tmp_path)
+    for got, want in zip(ours.get_weights(), keras_model.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(our_loss, keras_loss.history["loss"], rtol=1e-6)
+    if kind == "free":
+        np.testing.assert_allclose(ours.perturbation.numpy(), keras_model.perturbation.numpy())
+    assert int(ours.optimizer.iterations.numpy()) == int(keras_model.optimizer.iterations.numpy())
+
+
+def test_loop_under_two_replicas_matches_one_device(tmp_path):
+    batches = make_batches((16, 16))
+    single = _model("free")
+    _loop_fit(single, batches, tmp_path / "one")
+    mirrored = _model("free", tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"]))
+    _loop_fit(mirrored, batches, tmp_path / "two")
+    for got, want in zip(mirrored.get_weights(), single.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    halves = mirrored.distribute_strategy.experimental_local_results(mirrored.perturbation)
+    np.testing.assert_allclose(
+        np.concatenate([h.numpy() for h in halves]), single.perturbation.numpy(), atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("jit,replicas", [(True, 1), ("per_replica", 2)])
+def test_loop_with_xla_matches_without(jit, replicas, tmp_path):
+    batches = make_batches((16, 16, 6))
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"]) if replicas == 2 else None
+    plain = _model("free", strategy)
+    _loop_fit(plain, batches, tmp_path / "plain")
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"]) if replicas == 2 else None
+    xla = _model("free", strategy, jit_compile=jit)
+    _loop_fit(xla, batches, tmp_path / "xla")
+    for got, want in zip(xla.get_weights(), plain.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
