@@ -57,7 +57,7 @@ def _run(model_dir, *flags, preexec_fn=None):
 
 
 def _run_and_kill(model_dir, checkpoint_number, *flags, sig=signal.SIGKILL):
-    """Starts a run and kills it once checkpoint `ckpt-<number>` is written; returns stderr."""
+    """Starts a run, kills it once `ckpt-<number>` is the latest; returns (exit code, stderr)."""
     process = subprocess.Popen(
         _command(model_dir, *flags),
         stdout=subprocess.DEVNULL,
@@ -66,9 +66,19 @@ def _run_and_kill(model_dir, checkpoint_number, *flags, sig=signal.SIGKILL):
         env=_env(),
         cwd=ROOT,
     )
-    marker = os.path.join(model_dir, "checkpoints", f"ckpt-{checkpoint_number}.index")
+    # The `checkpoint` file names the latest checkpoint once it is complete.
+    state_file = os.path.join(model_dir, "checkpoints", "checkpoint")
+    latest = f'model_checkpoint_path: "ckpt-{checkpoint_number}"'
+
+    def written():
+        try:
+            with open(state_file) as f:
+                return latest in f.read()
+        except OSError:
+            return False
+
     deadline = time.time() + 300
-    while not os.path.exists(marker):
+    while not written():
         assert process.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.05)
