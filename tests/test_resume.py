@@ -5,7 +5,6 @@ and kill it with SIGKILL, as a preempted machine would.
 """
 
 import glob
-import hashlib
 import json
 import os
 import resource
@@ -20,6 +19,7 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 from test_free import EPSILON, IMAGE_SHAPE, compile_model, make_base, make_batches
+from test_train_app import tree_digest
 
 from tf_free import FreeAdversarialModel, loop
 
@@ -91,16 +91,6 @@ def _run_and_kill(model_dir, checkpoint_number, *flags, sig=signal.SIGKILL):
 def _results(model_dir):
     with open(os.path.join(model_dir, "results.json")) as f:
         return json.load(f)
-
-
-def _tree_digest(folder):
-    digest = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(folder, "**"), recursive=True)):
-        digest.update(path.encode())
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                digest.update(f.read())
-    return digest.hexdigest()
 
 
 def _scalar_steps(log_dir, tag):
@@ -195,10 +185,10 @@ def test_truncated_checkpoint_is_a_clear_error_and_is_left_alone(uninterrupted, 
     data_file = latest + ".data-00000-of-00001"
     with open(data_file, "r+b") as f:
         f.truncate(os.path.getsize(data_file) // 2)
-    before = _tree_digest(model_dir)
+    before = tree_digest(model_dir)
     run = _run(model_dir, "--deterministic", "--checkpoint_every=10")
     _one_line_error(run, f"cannot restore checkpoint {latest}", "--overwrite")
-    assert _tree_digest(model_dir) == before
+    assert tree_digest(model_dir) == before
 
 
 @pytest.mark.parametrize(
@@ -210,10 +200,10 @@ def test_truncated_checkpoint_is_a_clear_error_and_is_left_alone(uninterrupted, 
     ],
 )
 def test_another_run_in_a_used_model_dir_is_a_clear_error(uninterrupted, flag, difference):
-    before = _tree_digest(uninterrupted)
+    before = tree_digest(uninterrupted)
     run = _run(uninterrupted, "--deterministic", "--checkpoint_every=10", flag)
     _one_line_error(run, "holds another run", difference, "--overwrite")
-    assert _tree_digest(uninterrupted) == before
+    assert tree_digest(uninterrupted) == before
 
 
 def test_overwrite_starts_again(uninterrupted, tmp_path):
