@@ -9,7 +9,8 @@ makes ceil(8/m) passes, PGD training 8), then attacks each exported model and
 writes `results/fashion_mnist.json` and `results/fashion_mnist.md`, shaped like
 the paper's Table 1. Each row's run folder is `runs/fashion_mnist/<row>`; a
 row whose folder already has `reproduce.json` is not retrained (delete it, or
-pass --retrain), so an interrupted run picks up where it stopped.
+pass --retrain), and a row killed mid-training resumes from its last
+checkpoint, so an interrupted run picks up where it stopped.
 
 Evaluation: natural accuracy and PGD-20 on the whole test set (10,000 images);
 PGD-100, CW-100 (100 steps on the Carlini-Wagner margin) and 10-restart PGD-20
@@ -96,7 +97,12 @@ def run_row(row: str) -> dict:
         # The settings of flags/common/fashion_mnist.cfg; the end-of-training
         # evaluation is on 1,000 images only, the table's is below.
         config = experiment.TrainConfig(
-            **ROWS[row], model_dir=model_dir, eval_examples=1000, eval_every=1000, verbose=2
+            **ROWS[row],
+            model_dir=model_dir,
+            eval_examples=1000,
+            eval_every=1000,
+            verbose=2,
+            overwrite=FLAGS.retrain,  # else a killed row resumes from its checkpoint
         )
         print(f"\n== {row}: training ({label(row)})", flush=True)
         trained = experiment.train_and_evaluate(config)
