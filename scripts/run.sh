@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job, from a fresh clone: sets up the machine (venv, Debian's Fashion-MNIST), trains
 # a free adversarial model (m=8, ε=0.1) on Fashion-MNIST, evaluates it, exports a SavedModel,
-# and prints where the TensorBoard logs and the SavedModel are. About 4 minutes on 2 CPU cores.
+# and prints where the TensorBoard logs and the SavedModel are. About 2.5 minutes on 2 CPU cores.
 #   bash scripts/run.sh                          # flags/quickstart.cfg
 #   bash scripts/run.sh --m=4 --model_dir=runs/m4   # extra flags go to tf_free.train
 set -euo pipefail
