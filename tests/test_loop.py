@@ -1,5 +1,8 @@
 """tf_free.loop.fit (the application's loop) against Keras's own fit."""
 
+import logging
+
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -80,3 +83,45 @@ def test_loop_with_xla_matches_without(jit, replicas, tmp_path):
     _loop_fit(xla, batches, tmp_path / "xla")
     for got, want in zip(xla.get_weights(), plain.get_weights()):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+class _PythonIdentity(keras.layers.Layer):
+    """tf.py_function: runs anywhere, but XLA cannot compile it."""
+
+    def call(self, x):
+        y = tf.py_function(lambda t: t, [x], x.dtype)
+        y.set_shape(x.shape)
+        return y
+
+
+def _base_without_xla():
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input(IMAGE_SHAPE),
+            _PythonIdentity(),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
+@pytest.mark.parametrize("jit,replicas", [(True, 1), ("per_replica", 2)])
+def test_a_step_xla_cannot_compile_goes_on_without_xla(jit, replicas, tmp_path, caplog):
+    batches = make_batches((16, 16, 6))
+    results = []
+    for setting in (False, jit):
+        strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"]) if replicas == 2 else None
+        with (strategy or tf.distribute.get_strategy()).scope():
+            model = FreeAdversarialModel(_base_without_xla(), epsilon=EPSILON, replays=2)
+            compile_model(model, jit_compile=setting)
+            model.optimizer.build(model.trainable_variables)
+            model.build_perturbation((16 // replicas, *IMAGE_SHAPE))
+        with caplog.at_level(logging.WARNING):
+            _loop_fit(model, batches, tmp_path / str(setting))
+        results.append(model)
+    assert "XLA cannot compile this train step" in caplog.text
+    assert not results[1].jit_compile and not results[1].xla_per_replica
+    for got, want in zip(results[1].get_weights(), results[0].get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)

@@ -170,16 +170,7 @@ def fit(
         steps=steps_per_epoch,
     )
 
-    step_function = model.train_step
-    if model.jit_compile is True:  # one replica: XLA-compile the whole step, as fit does
-        step_function = tf.function(model.train_step, jit_compile=True)
-
-    @tf.function
-    def train_function(iterator):
-        outputs = strategy.run(step_function, args=(next(iterator),))
-        # As Keras's fit: the mean over replicas of each replica's metric results.
-        return {k: strategy.reduce("MEAN", v, axis=None) for k, v in outputs.items()}
-
+    train_function = _make_train_function(model, strategy)
     _build_metrics(model, strategy, make_dataset(int(state.epoch), 0))
     model.stop_training = False
     callback_list.on_train_begin()
@@ -194,7 +185,21 @@ def fit(
         position = skip
         for step in range(skip, steps_per_epoch):
             callback_list.on_train_batch_begin(step)
-            logs = train_function(iterator)
+            try:
+                logs = train_function(iterator)
+            except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
+                if not (_uses_xla(model) and step == skip and epoch == start_epoch):
+                    raise
+                # XLA's compile error comes before the step changes any state;
+                # only the batch was taken: start the pass's iterator again.
+                logging.warning(
+                    "XLA cannot compile this train step (%s); training goes on without XLA.",
+                    str(e).strip().splitlines()[0][:300],
+                )
+                model.jit_compile, model.xla_per_replica = False, False
+                train_function = _make_train_function(model, strategy)
+                iterator = iter(_distribute(strategy, make_dataset(epoch, skip)))
+                logs = train_function(iterator)
             logs = {k: float(v) for k, v in logs.items()}
             if not math.isfinite(logs["loss"]):
                 raise TrainingError(
@@ -222,6 +227,25 @@ def fit(
     callback_list.on_train_end(logs)
     logging.info("training done: epoch %d, %d iterations", int(state.epoch), iterations(model))
     return model.history
+
+
+def _uses_xla(model) -> bool:
+    return model.jit_compile is True or getattr(model, "xla_per_replica", False)
+
+
+def _make_train_function(model, strategy):
+    """One training step on the next global batch, as Keras's fit makes it."""
+    step_function = model.train_step
+    if model.jit_compile is True:  # one replica: XLA-compile the whole step, as fit does
+        step_function = tf.function(model.train_step, jit_compile=True)
+
+    @tf.function
+    def train_function(iterator):
+        outputs = strategy.run(step_function, args=(next(iterator),))
+        # As Keras's fit: the mean over replicas of each replica's metric results.
+        return {k: strategy.reduce("MEAN", v, axis=None) for k, v in outputs.items()}
+
+    return train_function
 
 
 def _build_metrics(model, strategy, dataset: tf.data.Dataset) -> None:
