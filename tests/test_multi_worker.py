@@ -3,8 +3,10 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -115,3 +117,34 @@ def test_launcher_fails_when_a_worker_fails(tmp_path):
     assert "flag --m=0" in run.stdout and "failed with exit code" in run.stderr
     usage = subprocess.run(["bash", LAUNCHER, "two"], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage:" in usage.stderr
+
+
+def test_a_killed_worker_stops_the_run_and_the_relaunch_resumes(tmp_path):
+    model_dir = str(tmp_path / "run")
+    flags = [f"--model_dir={model_dir}", "--train_examples=2048", *FLAGS[1:]]
+    launcher = subprocess.Popen(
+        ["bash", LAUNCHER, "2", *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    state_file = os.path.join(model_dir, "checkpoints", "checkpoint")
+    deadline = time.time() + 300
+    while not (os.path.exists(state_file) and 'ckpt-8"' in open(state_file).read()):
+        assert launcher.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    workers = [int(p) for p in re.findall(r"\d+", launcher.stderr.readline().split("pids")[1])]
+    os.kill(workers[1], signal.SIGKILL)  # a lost machine
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0
+    assert f"worker (pid {workers[1]}) failed" in stderr
+    relaunch = _launch(2, *flags)
+    assert relaunch.returncode == 0, relaunch.stderr[-3000:]
+    output = relaunch.stdout
+    for worker in (0, 1):
+        assert re.search(rf"\[worker {worker}\].*Resuming from .*/ckpt-\d+: epoch 1 of 1", output)
+    hashes = set(re.findall(r"final weights: sha256 (\w+)", output))
+    assert len(hashes) == 1
+    with open(os.path.join(model_dir, "results.json")) as f:
+        assert json.load(f)["iterations"] == (2048 // 32) * 2
