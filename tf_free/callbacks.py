@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_free import attacks
+from tf_free import attacks, loop
 
 
 class RobustnessEvaluation(keras.callbacks.Callback):
@@ -77,10 +77,7 @@ class RobustnessEvaluation(keras.callbacks.Callback):
             for name, value in results.items():
                 tf.summary.scalar(f"robustness/{name}", value)
             tf.summary.scalar("robustness/wall_time_minutes", minutes)
-            tf.summary.scalar(
-                "robustness/iterations",
-                int(keras.ops.convert_to_numpy(self.model.optimizer.iterations.value)),
-            )
+            tf.summary.scalar("robustness/iterations", loop.iterations(self.model))
             self._write_images()
         self.writer.flush()
         if self.verbose:

@@ -211,6 +211,11 @@ def prepare_model_dir(config: TrainConfig, chief: bool = True) -> None:
             )
 
 
+def checkpoint_dir(model_dir: str) -> str:
+    """Where a run folder's checkpoints are."""
+    return os.path.join(model_dir, "checkpoints")
+
+
 def write_config(config: TrainConfig) -> None:
     """`model_dir/config.json`, atomically (another worker may be reading it)."""
     path = os.path.join(config.model_dir, "config.json")
@@ -472,7 +477,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         if isinstance(model, FreeAdversarialModel):
             model.build_perturbation((config.batch_size // replicas, *base.input_shape[1:]))
 
-    state = loop.TrainState(model, os.path.join(config.model_dir, "checkpoints"), strategy)
+    state = loop.TrainState(model, checkpoint_dir(config.model_dir), strategy)
     try:
         resumed = state.restore()
     except loop.CheckpointError as e:

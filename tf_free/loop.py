@@ -171,16 +171,20 @@ def fit(
     )
 
     train_function = _make_train_function(model, strategy)
-    _build_metrics(model, strategy, make_dataset(int(state.epoch), 0))
+    start_epoch = int(state.epoch)
+    first_dataset = None
+    if start_epoch < epochs:
+        first_dataset = make_dataset(start_epoch, int(state.batch))
+        _build_metrics(model, strategy, first_dataset.element_spec)
     model.stop_training = False
     callback_list.on_train_begin()
     logs = {}
-    start_epoch = int(state.epoch)
     for epoch in range(start_epoch, epochs):
         skip = int(state.batch) if epoch == start_epoch else 0
         model.reset_metrics()
         callback_list.on_epoch_begin(epoch)
-        iterator = iter(_distribute(strategy, make_dataset(epoch, skip)))
+        dataset = first_dataset if epoch == start_epoch else make_dataset(epoch, 0)
+        iterator = iter(_distribute(strategy, dataset))
         started = time.time()
         position = skip
         for step in range(skip, steps_per_epoch):
@@ -248,16 +252,16 @@ def _make_train_function(model, strategy):
     return train_function
 
 
-def _build_metrics(model, strategy, dataset: tf.data.Dataset) -> None:
+def _build_metrics(model, strategy, element_spec) -> None:
     """Creates the loss and metric variables before `train_function` is traced.
 
     Under MirroredStrategy a tf.function that creates variables on its first
     call fails ("You must feed a value for placeholder tensor"); Keras's `fit`
-    builds them beforehand too (`_symbolic_build`).
+    builds them beforehand too (`_symbolic_build`). One zero example of the
+    dataset's structure is enough: no data is read.
     """
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(next(iter(dataset.take(1))))
-    x, y = x[:1], y[:1]
-    sample_weight = None if sample_weight is None else sample_weight[:1]
+    example = tf.nest.map_structure(lambda s: tf.zeros([1, *s.shape[1:]], s.dtype), element_spec)
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(example)
     with strategy.scope():
         y_pred = model(x)
         model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)

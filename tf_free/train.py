@@ -172,7 +172,7 @@ def main(argv):
         sys.exit(f"tf_free.train: error: {e}")
     except KeyboardInterrupt:
         # Not saved here: a step may have run after the last recorded position.
-        latest = tf.train.latest_checkpoint(f"{FLAGS.model_dir}/checkpoints")
+        latest = tf.train.latest_checkpoint(experiment.checkpoint_dir(FLAGS.model_dir))
         print(
             f"\ntf_free.train: interrupted. The latest checkpoint is {latest or 'none'}; "
             "run the same command again to resume.",
