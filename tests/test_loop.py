@@ -81,6 +81,11 @@ def test_loop_with_xla_matches_without(jit, replicas, tmp_path):
     strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"]) if replicas == 2 else None
     xla = _model("free", strategy, jit_compile=jit)
     _loop_fit(xla, batches, tmp_path / "xla")
+    # XLA stayed on (no fallback) and, per replica, the compiled function ran.
+    if jit is True:
+        assert xla.jit_compile is True
+    else:
+        assert xla.xla_per_replica and xla._xla_functions
     for got, want in zip(xla.get_weights(), plain.get_weights()):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
