@@ -1,0 +1,31 @@
+"""Attacks on image classifiers, all on one contract.
+
+Every attack takes `model`: any callable mapping float images in
+[clip_min, clip_max] to logits (a Keras model, or the `serve` endpoint of an
+exported SavedModel), images [N, H, W, C], integer labels [N], and an L∞
+budget in the units of the images. It returns adversarial images in the
+ε-ball and the valid range.
+
+- `core`: the losses, FGSM, PGD (CE/CW, restarts) and `accuracy_under_attack`.
+  One PGD serves K-PGD training, evaluation and the figures.
+"""
+
+from tf_free.attacks.core import (
+    LOSSES,
+    accuracy_under_attack,
+    cross_entropy_loss,
+    cw_loss,
+    fgsm,
+    gradient_sign,
+    pgd,
+)
+
+__all__ = [
+    "LOSSES",
+    "accuracy_under_attack",
+    "cross_entropy_loss",
+    "cw_loss",
+    "fgsm",
+    "gradient_sign",
+    "pgd",
+]
