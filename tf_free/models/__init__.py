@@ -3,8 +3,9 @@
 Input normalisation sits inside each model (per-channel mean/std, or per-image
 standardisation for `wide_resnet`), so attacks and the exported model see raw pixels.
 
-Registered names: `small_cnn`, `preact_resnet18`, `wide_resnet` (Madry et al.'s WRN, 32-10
-by default), `resnet50`, `resnet101`, `resnet152` (`keras.applications`, weights=None).
+Registered names: `small_cnn`, `preact_resnet18` (locuslab/fast_adversarial's),
+`wide_resnet` (Madry et al.'s WRN, 32-10 by default), `resnet50`, `resnet101`, `resnet152`
+(torchvision's ResNet v1.5, built here; randomly initialised).
 """
 
 from tf_free.models.preact_resnet import preact_resnet18

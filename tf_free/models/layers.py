@@ -1,7 +1,98 @@
-"""Pieces shared by the models."""
+"""Pieces shared by the models, and PyTorch's default layer settings for the ported models."""
 
 import keras
 import numpy as np
+
+# torch.nn.BatchNorm2d defaults: running = (1 - 0.1) * running + 0.1 * batch, i.e. Keras
+# momentum 0.9, and eps 1e-5 (Keras defaults to 0.99 and 1e-3).
+TORCH_BN_MOMENTUM = 0.9
+TORCH_BN_EPSILON = 1e-5
+
+
+def torch_batch_norm(name):
+    """`BatchNormalization` with `torch.nn.BatchNorm2d`'s defaults (gamma 1, beta 0).
+
+    One difference remains: torch updates its running variance with the unbiased batch
+    variance (times n / (n - 1), n = batch x height x width), Keras with the biased one.
+    The moving variance is smaller by that factor, under 0.1% for n >= 1024.
+    """
+    return keras.layers.BatchNormalization(
+        momentum=TORCH_BN_MOMENTUM, epsilon=TORCH_BN_EPSILON, name=name
+    )
+
+
+def torch_default_kernel_initializer():
+    """`nn.Conv2d`/`nn.Linear`'s default weight init as a Keras initialiser.
+
+    torch's `reset_parameters` calls `kaiming_uniform_(weight, a=sqrt(5))`: gain
+    sqrt(2 / (1 + 5)) = sqrt(1 / 3), bound gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in), with
+    fan_in = in_channels * kernel area, which is Keras's fan_in of an HWIO kernel.
+    `VarianceScaling(1/3, "fan_in", "uniform")` has the bound sqrt(3 * (1/3) / fan_in).
+    """
+    return keras.initializers.VarianceScaling(1.0 / 3.0, mode="fan_in", distribution="uniform")
+
+
+def torch_kaiming_normal_fan_out():
+    """torch `kaiming_normal_(w, mode="fan_out", nonlinearity="relu")`: N(0, 2 / fan_out).
+
+    Not truncated; fan_out = out_channels * kernel area, as Keras computes it for HWIO.
+    """
+    return keras.initializers.VarianceScaling(
+        2.0, mode="fan_out", distribution="untruncated_normal"
+    )
+
+
+def torch_linear(x, units, name):
+    """`Dense(units)` initialised as torch's default `nn.Linear(x.shape[-1], units)`.
+
+    torch draws the weight with `kaiming_uniform_(a=sqrt(5))` and the bias from
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)); both have the bound 1 / sqrt(fan_in). A Keras bias
+    initialiser only sees the bias's own shape, so the bound is fixed here from the input.
+    """
+    bound = 1.0 / float(np.sqrt(x.shape[-1]))
+    return keras.layers.Dense(
+        units,
+        kernel_initializer=torch_default_kernel_initializer(),
+        bias_initializer=keras.initializers.RandomUniform(-bound, bound),
+        name=name,
+    )(x)
+
+
+def torch_conv2d(x, filters, kernel_size, stride, padding, name, kernel_initializer):
+    """`nn.Conv2d(..., padding=padding, bias=False)` with torch's symmetric zero padding.
+
+    Keras "same" pads (0, 1) rather than (1, 1) when a 3x3 stride-2 convolution meets an
+    even size, which shifts every output pixel against torch's. Explicit `ZeroPadding2D`
+    followed by a "valid" convolution gives torch's output size floor((n + 2p - k) / s) + 1
+    and alignment for every size. Stride 1 with p = (k - 1) / 2 > 0 keeps "same", which is
+    the same computation.
+
+    Args:
+      x: NHWC input tensor.
+      filters: output channels.
+      kernel_size: square kernel size.
+      stride: square stride.
+      padding: zeros added on each side, as torch's `padding`.
+      name: layer name; the padding layer is `{name}_pad`.
+      kernel_initializer: Keras initialiser for the kernel.
+
+    Returns:
+      The output tensor.
+    """
+    conv_padding = "valid"
+    if padding and stride == 1 and 2 * padding == kernel_size - 1:
+        conv_padding = "same"
+    elif padding:
+        x = keras.layers.ZeroPadding2D(padding, name=f"{name}_pad")(x)
+    return keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=stride,
+        padding=conv_padding,
+        use_bias=False,
+        kernel_initializer=kernel_initializer,
+        name=name,
+    )(x)
 
 
 def normalize(inputs, mean=None, std=None):
