@@ -5,12 +5,14 @@ import io
 import logging
 import os
 import shutil
+import socket
 import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download import downloader as tfds_downloader
 from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
 from tf_free import data
@@ -135,6 +137,70 @@ def test_pad_and_random_crop_is_a_window_of_the_zero_padded_image():
     assert len(offsets) >= 20  # 81 possible offsets, 40 draws
 
 
+def _coordinate_image(size=32):
+    """Red = row + 1, green = column + 1, blue = 200: every pixel non-zero and unique."""
+    y, x = np.mgrid[0:size, 0:size]
+    return np.stack([y + 1, x + 1, np.full_like(y, 200)], -1).astype(np.uint8)
+
+
+def _crop_offset(out, image, padding):
+    """(dy, dx) such that out == zero_pad(image, padding)[dy:dy+32, dx:dx+32]; asserts it."""
+    dy = int(out[16, 16, 0]) - 1 - 16 + padding
+    dx = int(out[16, 16, 1]) - 1 - 16 + padding
+    padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+    np.testing.assert_array_equal(out, padded[dy : dy + 32, dx : dx + 32])
+    return dy, dx
+
+
+@pytest.mark.parametrize("padding", [0, 1, 2, 4])
+def test_pad_and_random_crop_offsets_range_exactly_over_0_to_2p(padding):
+    image = _coordinate_image()
+    seeds = [[5, s] for s in range(1500)]  # 81 offsets for p=4: all drawn
+    outs = _in_tf_data(lambda s: data.pad_and_random_crop(image, s, padding), seeds)
+    offsets = {_crop_offset(out, image, padding) for out in outs}
+    assert offsets == {(dy, dx) for dy in range(2 * padding + 1) for dx in range(2 * padding + 1)}
+
+
+def test_cifar_train_preprocess_crop_padding_sets_the_offset_range():
+    image = _coordinate_image()
+    seeds = [[6, s] for s in range(600)]
+    outs = _in_tf_data(lambda s: data.cifar_train_preprocess(image, s, crop_padding=2), seeds)
+    offsets, flips = set(), 0
+    for out in outs:
+        out = np.round(out * 255).astype(np.uint8)
+        flipped = out[16, 16, 1] > out[16, 17, 1]  # green (column) falls left to right
+        flips += flipped
+        offsets.add(_crop_offset(out[:, ::-1] if flipped else out, image, 2))
+    assert offsets == {(dy, dx) for dy in range(5) for dx in range(5)}
+    assert 250 <= flips <= 350
+    default = _in_tf_data(lambda s: data.cifar_train_preprocess(image, s), seeds[:10])
+    again = _in_tf_data(lambda s: data.cifar_train_preprocess(image, s, crop_padding=4), seeds[:10])
+    np.testing.assert_array_equal(default, again)  # the default is 4
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2", None])
+def test_negative_or_non_integer_crop_padding_is_a_value_error(bad, tmp_path):
+    message = f"crop_padding must be an integer >= 0 (pixels per side), got {bad!r}"
+    image = np.zeros((32, 32, 3), np.uint8)
+    with pytest.raises(ValueError) as err:
+        data.pad_and_random_crop(image, [0, 0], bad)
+    assert str(err.value) == message
+    with pytest.raises(ValueError) as err:
+        data.cifar_train_preprocess(image, [0, 0], crop_padding=bad)
+    assert str(err.value) == message
+    with pytest.raises(ValueError) as err:  # before any TFDS work: nothing is created
+        data.build_dataset(
+            "cifar10",
+            "train",
+            batch_size=4,
+            training=True,
+            data_dir=str(tmp_path),
+            crop_padding=bad,
+        )
+    assert str(err.value) == message
+    assert os.listdir(tmp_path) == []
+
+
 def test_random_flip_is_a_true_mirror():
     image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     mirror = image[:, ::-1]
@@ -250,12 +316,12 @@ def test_imagenet_eval_matches_pil_resize_256_center_crop_224(shape):
 # ----------------------------------------------------- mocked TFDS pipelines
 
 
-def _is_augmented_version(out, originals):
-    """out == flip?(crop(zero_pad_4(o))) for some original o."""
+def _is_augmented_version(out, originals, padding=4):
+    """out == flip?(crop(zero_pad(o, padding))) for some original o."""
     for o in originals:
-        padded = np.pad(o, ((4, 4), (4, 4), (0, 0)))
-        for dy in range(9):
-            for dx in range(9):
+        padded = np.pad(o, ((padding, padding), (padding, padding), (0, 0)))
+        for dy in range(2 * padding + 1):
+            for dx in range(2 * padding + 1):
                 window = padded[dy : dy + 32, dx : dx + 32]
                 if np.array_equal(out, window) or np.array_equal(out, window[:, ::-1]):
                     return True
@@ -298,6 +364,53 @@ def test_cifar10_pipeline_on_mock_data(tmp_path):
         assert _is_augmented_version(np.round(out * 255).astype(np.uint8), raw)
     unchanged = sum(any(np.array_equal(a, b) for b in x1) for a in x2)
     assert unchanged <= 3
+
+
+def test_cifar10_pipeline_honours_crop_padding_on_mock_data(tmp_path):
+    kw = dict(batch_size=4, data_dir=str(tmp_path))
+    with tfds.testing.mock_data(num_examples=12):
+        raw, _ = _collect(data.build_dataset("cifar10", "train", training=False, **kw))
+        raw = np.round(raw * 255).astype(np.uint8)
+        train = data.build_dataset("cifar10", "train", training=True, crop_padding=2, **kw)
+        pad2 = np.concatenate([_collect(train)[0], _collect(train)[0]])  # two epochs
+        pad0, _ = _collect(
+            data.build_dataset("cifar10", "train", training=True, crop_padding=0, **kw)
+        )
+        one, _ = _collect(
+            data.build_dataset("cifar10", "train", training=True, num_examples=1, **kw)
+        )
+    pad2 = np.round(pad2 * 255).astype(np.uint8)
+    pad0 = np.round(pad0 * 255).astype(np.uint8)
+    # 24 crops with padding 4 would almost never all be windows of the 2-padded images.
+    assert all(_is_augmented_version(out, raw, padding=2) for out in pad2)
+    assert not all(_is_augmented_version(out, raw, padding=0) for out in pad2)
+    # No padding: the images themselves, some mirrored.
+    assert all(
+        any(np.array_equal(out, r) or np.array_equal(out, r[:, ::-1]) for r in raw) for out in pad0
+    )
+    assert one.shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5, "10"])
+def test_num_examples_below_one_is_a_value_error_not_all(bad, tmp_path):
+    with pytest.raises(ValueError) as err:
+        data.build_dataset(
+            "cifar10",
+            "test",
+            batch_size=4,
+            training=False,
+            data_dir=str(tmp_path),
+            num_examples=bad,
+        )
+    assert str(err.value) == (
+        f"num_examples must be an integer >= 1 (None for the whole split), got {bad!r}"
+    )
+    with pytest.raises(ValueError) as err:
+        data.build_dataset(
+            "cifar10", "train", batch_size=4, training=True, data_dir=str(tmp_path), skip=-1
+        )
+    assert str(err.value) == "skip must be an integer >= 0, got -1"
+    assert os.listdir(tmp_path) == []
 
 
 def test_imagenet_pipeline_on_mock_data(tmp_path):
@@ -448,6 +561,7 @@ def test_corrupt_local_fashion_files_stop_before_tfds(tmp_path):
     with pytest.raises(data.DataIntegrityError, match="truncated|MD5"):
         data.prepare_fashion_mnist(data_dir, source_dir=str(source))
     assert not tfds.builder("fashion_mnist", data_dir=data_dir).is_prepared()
+    assert not os.path.exists(data_dir)
 
 
 def test_tfds_still_checks_the_files_against_the_verified_checksums(tmp_path):
@@ -458,6 +572,7 @@ def test_tfds_still_checks_the_files_against_the_verified_checksums(tmp_path):
     with pytest.raises(NonMatchingChecksumError, match="wrong checksum"):
         data._tfds_prepare_fashion_mnist(data_dir, data.FASHION_MNIST_DIR, infos)
     assert not tfds.builder("fashion_mnist", data_dir=data_dir).is_prepared()
+    assert not os.path.exists(data_dir)  # nor an empty fashion_mnist/ folder in it
 
 
 def test_fashion_preflight_reports_local_files_or_an_incomplete_folder(tmp_path, monkeypatch):
@@ -471,19 +586,221 @@ def test_fashion_preflight_reports_local_files_or_an_incomplete_folder(tmp_path,
         data.check_available("fashion_mnist", data_dir)
 
 
-def test_failed_tfds_download_is_one_clear_line():
-    class OfflineBuilder:  # what an offline mnist/cifar builder does (after ~3 min of retries)
+# ------------------------------------------------ downloads that cannot happen
+
+
+def _snapshot(root):
+    """Every path under root (relative), with file contents: the whole tree to compare."""
+    tree = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            tree[os.path.relpath(os.path.join(folder, name), root) + "/"] = None
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                tree[os.path.relpath(os.path.join(folder, name), root)] = f.read()
+    return tree
+
+
+def _existing_tfds_tree(root):
+    """A data dir with content of its own: it must come out of a failure unchanged."""
+    (root / "downloads" / "mnist").mkdir(parents=True)  # empty, but it existed
+    (root / "downloads" / "extracted" / "TAR_GZ.other").mkdir(parents=True)
+    (root / "downloads" / "old.gz").write_bytes(b"keep")
+    (root / "cifar10").mkdir()
+    return _snapshot(root)
+
+
+def _offline_message(name, data_dir, cause):
+    return (
+        f"TFDS could not download/prepare {name!r} into {data_dir} ({cause}); without "
+        "internet, prepare it on another machine and copy that folder here"
+    )
+
+
+def _closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once closed
+
+
+@pytest.fixture
+def no_proxy_env(monkeypatch):
+    for key in ("HTTPS_PROXY", "HTTP_PROXY", "FTP_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(key, raising=False)
+        monkeypatch.delenv(key.lower(), raising=False)
+    return monkeypatch
+
+
+def test_unreachable_download_host_fails_at_once_and_creates_nothing(tmp_path, no_proxy_env):
+    before = _existing_tfds_tree(tmp_path)
+    calls = []
+
+    def refuse(address, timeout):
+        calls.append((address, timeout))
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    no_proxy_env.setattr(socket, "create_connection", refuse)
+    start = time.perf_counter()
+    with pytest.raises(data.DataError) as err:
+        data.build_dataset("cifar10", "train", batch_size=4, training=True, data_dir=str(tmp_path))
+    seconds = time.perf_counter() - start
+    assert str(err.value) == _offline_message(
+        "cifar10",
+        tmp_path / "cifar10" / "3.0.2",
+        "ConnectionError: cannot connect to www.cs.toronto.edu:443: [Errno 111] Connection refused",
+    )
+    assert calls == [(("www.cs.toronto.edu", 443), data.CONNECT_TIMEOUT)]  # no retries
+    assert seconds < 5
+    assert _snapshot(tmp_path) == before  # TFDS's new folders are gone, the old ones kept
+    assert tfds_downloader._open_url.__name__ == "_open_url"  # TFDS's own again
+
+
+def test_the_connection_check_targets_the_host_or_the_proxy_requests_would_use(no_proxy_env):
+    address = data._connect_address
+    assert address("https://storage.googleapis.com/cvdf-datasets/mnist/x.gz") == (
+        "storage.googleapis.com",
+        443,
+    )
+    assert address("http://ufldl.stanford.edu/housenumbers/test_32x32.mat") == (
+        "ufldl.stanford.edu",
+        80,
+    )
+    assert address("https://example.org:8443/a") == ("example.org", 8443)
+    assert address("ftp://ftp.example.org/a") == ("ftp.example.org", 21)
+    assert address("gs://tfds-data/x") is None and address("/local/file") is None
+    no_proxy_env.setenv("HTTPS_PROXY", "proxy.internal:3128")
+    assert address("https://storage.googleapis.com/x") == ("proxy.internal", 3128)
+    assert address("http://ufldl.stanford.edu/x") == ("ufldl.stanford.edu", 80)
+    no_proxy_env.setenv("NO_PROXY", "storage.googleapis.com")
+    assert address("https://storage.googleapis.com/x") == ("storage.googleapis.com", 443)
+
+
+def test_an_unreachable_proxy_fails_at_once(tmp_path, no_proxy_env):
+    port = _closed_port()
+    no_proxy_env.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+    with pytest.raises(data.DataError) as err:
+        data.build_dataset("mnist", "train", batch_size=4, training=True, data_dir=str(tmp_path))
+    assert f"(ConnectionError: cannot connect to 127.0.0.1:{port}: " in str(err.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_offline_mnist_fails_in_seconds_and_leaves_the_data_dir_as_it_was(tmp_path):
+    try:
+        socket.create_connection(("storage.googleapis.com", 443), timeout=3).close()
+        pytest.skip("this machine can reach storage.googleapis.com: nothing offline to test")
+    except OSError:
+        pass
+    data_dir = tmp_path / "tfds"
+    data_dir.mkdir()
+    before = _existing_tfds_tree(data_dir)
+    start = time.perf_counter()
+    with pytest.raises(data.DataError) as err:
+        data.build_dataset("mnist", "train", batch_size=4, training=True, data_dir=str(data_dir))
+    seconds = time.perf_counter() - start
+    print(f"offline mnist failed in {seconds:.2f} s")
+    message = str(err.value)
+    assert message.startswith(
+        f"TFDS could not download/prepare 'mnist' into {data_dir}/mnist/3.0.1 "
+        "(ConnectionError: cannot connect to storage.googleapis.com:443: "
+    )
+    assert message.endswith(
+        "without internet, prepare it on another machine and copy that folder here"
+    )
+    assert "\n" not in message and seconds < 30
+    assert _snapshot(data_dir) == before
+
+
+def test_failed_tfds_download_retries_briefly_and_removes_only_what_it_created(
+    tmp_path, monkeypatch
+):
+    # A host that accepts connections and then fails: the check passes, TFDS
+    # itself downloads (and fails, offline), with its retries capped.
+    monkeypatch.setattr(data, "_connect_address", lambda url: None)
+    data_dir = tmp_path / "tfds"
+    data_dir.mkdir()
+    before = _existing_tfds_tree(data_dir)
+    start = time.perf_counter()
+    with pytest.raises(data.DataError) as err:
+        data.build_dataset("mnist", "train", batch_size=4, training=True, data_dir=str(data_dir))
+    seconds = time.perf_counter() - start
+    print(f"TFDS's own download failed in {seconds:.2f} s")
+    message = str(err.value)
+    assert message.startswith(
+        f"TFDS could not download/prepare 'mnist' into {data_dir}/mnist/3.0.1 (ConnectionError: "
+    )
+    assert "\n" not in message and "Max retries exceeded" in message
+    assert seconds < 30  # TFDS's 10 retries: 3.4 minutes
+    assert tfds_downloader.MAX_RETRIES == 10  # TFDS's value is back
+    assert _snapshot(data_dir) == before
+    # A data dir that did not exist (nor its parent) is gone again.
+    missing = tmp_path / "new" / "tfds"
+    monkeypatch.setattr(data, "DOWNLOAD_RETRIES", 0)  # quicker, same folders
+    with pytest.raises(data.DataError):
+        data.build_dataset("mnist", "train", batch_size=4, training=True, data_dir=str(missing))
+    assert sorted(os.listdir(tmp_path)) == ["tfds"]
+
+
+def test_fail_fast_downloads_nests_and_restores_tfds_globals():
+    original = tfds_downloader._open_url
+    assert tfds_downloader.MAX_RETRIES == 10
+    with data._fail_fast_downloads():
+        assert tfds_downloader.MAX_RETRIES == data.DOWNLOAD_RETRIES == 5
+        checked = tfds_downloader._open_url
+        assert checked is not original
+        with data._fail_fast_downloads():
+            assert tfds_downloader._open_url is checked and tfds_downloader.MAX_RETRIES == 5
+        assert tfds_downloader._open_url is checked and tfds_downloader.MAX_RETRIES == 5
+    assert tfds_downloader._open_url is original and tfds_downloader.MAX_RETRIES == 10
+
+
+def test_cleanup_removes_the_datasets_new_paths_and_nothing_else(tmp_path):
+    root = tmp_path / "tfds"
+    root.mkdir()
+    _existing_tfds_tree(root)
+    (root / "mnist").mkdir()  # existed before: stays
+    (root / "mnist" / "old").write_text("keep")
+    before = _snapshot(root)
+    ours = "cvdf_mnist_t10kXYZ.gz"
+    with pytest.raises(KeyError):
+        with data._removing_new_paths_on_failure(str(root), "mnist"):
+            (root / "mnist" / "incomplete.AB12CD_3.0.1" / "x").mkdir(parents=True)
+            (root / "downloads" / "mnist" / ours).write_bytes(b"1")
+            (root / "downloads" / "mnist" / "a.tmp.123").mkdir()
+            (root / "downloads" / "extracted" / f"GZIP.{ours}").write_bytes(b"1")
+            (root / "downloads" / "extracted" / "TAR.another_dataset.tar").write_bytes(b"2")
+            (root / "cifar10" / "3.0.2").mkdir()  # another process's new folder
+            raise KeyError("failed")
+    after = _snapshot(root)
+    assert after == {
+        **before,
+        "downloads/extracted/TAR.another_dataset.tar": b"2",
+        "cifar10/3.0.2/": None,
+    }
+    # Success: nothing is removed.
+    with data._removing_new_paths_on_failure(str(root), "mnist"):
+        (root / "mnist" / "3.0.1").mkdir()
+    assert (root / "mnist" / "3.0.1").is_dir()
+
+
+def test_failed_tfds_download_is_one_clear_line(tmp_path):
+    class OfflineBuilder:  # what an offline builder does: create folders, then fail
+        name = "mnist"
         data_dir = "/data/mnist/3.0.1"
+        data_dir_root = str(tmp_path)
 
         def is_prepared(self):
             return False
 
         def download_and_prepare(self):
+            (tmp_path / "mnist" / "incomplete.X_3.0.1").mkdir(parents=True)
             raise ConnectionError("HTTPSConnectionPool(host='storage.googleapis.com')\nmore")
 
     with pytest.raises(data.DataError) as err:
         data._prepare(OfflineBuilder(), "mnist")
-    message = str(err.value)
-    assert "\n" not in message and "'mnist'" in message and "/data/mnist/3.0.1" in message
-    assert "ConnectionError: HTTPSConnectionPool" in message
+    assert str(err.value) == _offline_message(
+        "mnist",
+        "/data/mnist/3.0.1",
+        "ConnectionError: HTTPSConnectionPool(host='storage.googleapis.com')",
+    )
     assert isinstance(err.value.__cause__, ConnectionError)
+    assert os.listdir(tmp_path) == []

@@ -26,17 +26,24 @@ if a file changes between our check and TFDS reading it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
 import logging
 import os
+import shutil
+import socket
 import tempfile
+import threading
+import urllib.parse
 
 import numpy as np
+import requests
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.download import checksums as tfds_checksums
+from tensorflow_datasets.core.download import downloader as tfds_downloader
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +75,18 @@ FASHION_MNIST_CLASSES = (
 )
 
 IMAGENET_MANUAL_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+
 # Shuffle buffer of undecoded JPEGs (~110 kB each, so ~1.1 GB of RAM).
 IMAGENET_SHUFFLE_BUFFER = 10_000
+
+# Before TFDS downloads a file, a TCP connection to its host (or to the proxy
+# that requests would use) must open within this many seconds.
+CONNECT_TIMEOUT = 5.0
+# Retries per URL while TFDS downloads. TFDS's own 10 retries with backoff
+# 0.2 s sleep about 3.4 minutes when a host fails (urllib3's Retry in
+# `_open_with_requests`, https://github.com/tensorflow/datasets/blob/master/tensorflow_datasets/core/download/downloader.py);
+# 5 sleep 6 s.
+DOWNLOAD_RETRIES = 5
 
 
 class DataError(RuntimeError):
@@ -102,7 +119,7 @@ class DatasetSpec:
         normalisation layer; None where the convention is no normalisation.
       train_split, eval_split: TFDS split names.
       num_train_examples: size of `train_split` (None if unknown offline).
-      augmentation: "cifar" (zero-pad 4 + random crop + flip), "imagenet"
+      augmentation: "cifar" (zero-pad, 4 by default, + random crop + flip), "imagenet"
         (random-resized crop + flip) or "none" (shuffling only).
     """
 
@@ -279,12 +296,154 @@ def check_available(name: str, data_dir: str | None = None) -> str:
     return "download"
 
 
+def _connect_address(url: str) -> tuple[str, int] | None:
+    """The (host, port) a download of `url` connects to first; None if not a network URL.
+
+    The proxy's address where requests would use one (HTTPS_PROXY, NO_PROXY, ...).
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https", "ftp") or not parts.hostname:
+        return None
+    proxy = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
+    if proxy:
+        parts = urllib.parse.urlsplit(requests.utils.prepend_scheme_if_needed(proxy, "http"))
+    default_port = {"https": 443, "ftp": 21, "socks5": 1080, "socks5h": 1080}
+    return parts.hostname, parts.port or default_port.get(parts.scheme, 80)
+
+
+def _checked_open_url(open_url):
+    """TFDS's `_open_url`, after a TCP connection to the URL's host opened within CONNECT_TIMEOUT."""
+
+    def checked(url, **kwargs):
+        address = _connect_address(url)
+        if address:
+            try:
+                socket.create_connection(address, timeout=CONNECT_TIMEOUT).close()
+            except OSError as e:
+                host, port = address
+                raise ConnectionError(
+                    f"cannot connect to {host}:{port}: {str(e) or type(e).__name__}"
+                ) from e
+        return open_url(url, **kwargs)
+
+    return checked
+
+
+_fail_fast_lock = threading.Lock()
+_fail_fast_users = 0
+_fail_fast_saved = None
+
+
+@contextlib.contextmanager
+def _fail_fast_downloads():
+    """While active, a TFDS download fails in seconds where its host is unreachable.
+
+    TFDS has no setting for this, so two module globals of its downloader,
+    read at each download, are swapped (and restored when the last user,
+    thread or nested, leaves): `_open_url` first checks that a TCP
+    connection to the URL's host (or proxy) opens within CONNECT_TIMEOUT, so
+    an offline machine fails at once, only for files TFDS really downloads
+    (not cached or manual ones); `MAX_RETRIES` is capped at DOWNLOAD_RETRIES
+    for hosts that accept connections and then fail. Both in
+    https://github.com/tensorflow/datasets/blob/master/tensorflow_datasets/core/download/downloader.py
+    """
+    global _fail_fast_users, _fail_fast_saved
+    with _fail_fast_lock:
+        if _fail_fast_users == 0:
+            _fail_fast_saved = (tfds_downloader._open_url, tfds_downloader.MAX_RETRIES)
+            tfds_downloader._open_url = _checked_open_url(_fail_fast_saved[0])
+            tfds_downloader.MAX_RETRIES = min(_fail_fast_saved[1], DOWNLOAD_RETRIES)
+        _fail_fast_users += 1
+    try:
+        yield
+    finally:
+        with _fail_fast_lock:
+            _fail_fast_users -= 1
+            if _fail_fast_users == 0:
+                tfds_downloader._open_url, tfds_downloader.MAX_RETRIES = _fail_fast_saved
+
+
+def _entries(folder: str) -> set[str]:
+    """The paths directly inside `folder`; empty if it is not a folder."""
+    with contextlib.suppress(OSError):
+        return {os.path.join(folder, n) for n in os.listdir(folder)}
+    return set()
+
+
+def _tree(path: str) -> set[str]:
+    """`path` and everything below it; empty if it does not exist."""
+    if not os.path.lexists(path):
+        return set()
+    found = {path}
+    if os.path.isdir(path) and not os.path.islink(path):
+        for root, dirs, files in os.walk(path):
+            found.update(os.path.join(root, n) for n in dirs + files)
+    return found
+
+
+@contextlib.contextmanager
+def _removing_new_paths_on_failure(data_root: str, name: str):
+    """If the body raises, deletes what it created for dataset `name`; keeps all that existed.
+
+    Deleted: new entries under `<data_root>/<name>` and
+    `<data_root>/downloads/<name>`, the new extractions of those downloads,
+    then `downloads/extracted`, `downloads` and `data_root` (and its missing
+    parents) if they are new and left empty. Other datasets' folders are
+    never touched, even new ones (another process may be preparing them).
+    """
+    data_root = os.path.abspath(data_root)
+    downloads = os.path.join(data_root, "downloads")
+    extracted = os.path.join(downloads, "extracted")
+    own = (os.path.join(data_root, name), os.path.join(downloads, name))
+    shared = [extracted, downloads, data_root]
+    parent = os.path.dirname(data_root)
+    while parent != os.path.dirname(parent) and not os.path.lexists(parent):
+        shared.append(parent)  # created by TFDS's mkdir(parents=True)
+        parent = os.path.dirname(parent)
+    before = set().union(*(_tree(d) for d in own), _entries(extracted))
+    before.update(p for p in shared if os.path.lexists(p))
+    try:
+        yield
+    except BaseException:
+        created = set().union(*(_tree(d) for d in own)) - before
+        # TFDS extracts <downloads>/<name>/<file> into extracted/<METHOD>.<file>.
+        new_files = {os.path.basename(p) for p in created}
+        created.update(
+            p
+            for p in _entries(extracted) - before
+            if os.path.basename(p).partition(".")[2] in new_files
+        )
+        for path in sorted(created):  # parents sort before their children
+            with contextlib.suppress(OSError):
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                elif os.path.lexists(path):
+                    os.remove(path)
+        for path in shared:  # innermost first
+            if path not in before:
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)  # only if empty
+        raise
+
+
 def _prepare(builder, name: str) -> None:
-    """`download_and_prepare`, with a one-line error if it fails (e.g. offline)."""
+    """`download_and_prepare`, failing fast offline, with a one-line error.
+
+    Downloads fail in seconds where a host is unreachable (see
+    `_fail_fast_downloads`), not after TFDS's 3.4 minutes of retries; on any
+    failure the folders and files created for the dataset are removed again
+    (see `_removing_new_paths_on_failure`).
+
+    Raises:
+      DataError: TFDS could not download or prepare; one line that says what
+        to do.
+    """
     if builder.is_prepared():
         return
+    data_root = os.path.expanduser(os.fspath(builder.data_dir_root))
     try:
-        builder.download_and_prepare()
+        with _removing_new_paths_on_failure(data_root, builder.name), _fail_fast_downloads():
+            builder.download_and_prepare()
     except Exception as e:  # re-raised below, with the cause chained
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise DataError(
@@ -355,7 +514,11 @@ def _tfds_prepare_fashion_mnist(data_dir: str | None, source_dir: str, url_infos
     # (core/download/download_manager.py, `_download_or_get_cache`).
     config = tfds.download.DownloadConfig(manual_dir=source_dir, try_download_gcs=False)
     # Extracted copies go to a temporary download dir, deleted afterwards.
-    with tempfile.TemporaryDirectory(prefix="tf_free_fashion_mnist_") as tmp:
+    data_root = os.path.expanduser(os.fspath(builder.data_dir_root))
+    with (
+        tempfile.TemporaryDirectory(prefix="tf_free_fashion_mnist_") as tmp,
+        _removing_new_paths_on_failure(data_root, "fashion_mnist"),
+    ):
         builder.download_and_prepare(download_dir=tmp, download_config=config)
 
 
@@ -409,12 +572,25 @@ def _split_seed(seed):
     return seeds[0], seeds[1]
 
 
+def _check_padding(padding) -> None:
+    if isinstance(padding, bool) or not isinstance(padding, (int, np.integer)) or padding < 0:
+        raise ValueError(f"crop_padding must be an integer >= 0 (pixels per side), got {padding!r}")
+
+
 def pad_and_random_crop(image, seed, padding: int = 4):
     """Zero-pads `padding` pixels on each side, then crops back to the input size.
 
-    Zero padding, as in the paper's CIFAR code (Madry et al.'s
-    `resize_image_with_crop_or_pad`) and torchvision's RandomCrop(32, padding=4).
+    The crop's offset is uniform over 0..2*padding in each axis. The paper's
+    CIFAR code pads 2 (ashafahi/free_adv_train, cifar10_input.py, lines
+    107-108: `tf.image.resize_image_with_crop_or_pad(img, self.image_size + 4,
+    self.image_size + 4)`, 32 -> 36, as in Madry et al.'s cifar10_challenge);
+    locuslab/fast_adversarial (CIFAR10/utils.py, line 24:
+    `transforms.RandomCrop(32, padding=4)`) and most PyTorch CIFAR code pad 4.
+
+    Raises:
+      ValueError: `padding` is not an integer >= 0.
     """
+    _check_padding(padding)
     image = tf.convert_to_tensor(image)
     size = image.shape if image.shape.is_fully_defined() else tf.shape(image)
     padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
@@ -426,10 +602,18 @@ def random_flip(image, seed):
     return tf.image.stateless_random_flip_left_right(image, seed=seed)
 
 
-def cifar_train_preprocess(image, seed):
-    """uint8 [32, 32, C] -> float32 [0, 1]: zero-pad 4, random crop 32, random flip."""
+def cifar_train_preprocess(image, seed, crop_padding: int = 4):
+    """uint8 [32, 32, C] -> float32 [0, 1]: zero-pad `crop_padding`, random crop 32, random flip.
+
+    `crop_padding=2` is the paper's CIFAR code, 4 the PyTorch convention
+    (see `pad_and_random_crop`).
+
+    Raises:
+      ValueError: `crop_padding` is not an integer >= 0.
+    """
     crop_seed, flip_seed = _split_seed(seed)
-    return to_float(random_flip(pad_and_random_crop(image, crop_seed), flip_seed))
+    cropped = pad_and_random_crop(image, crop_seed, crop_padding)
+    return to_float(random_flip(cropped, flip_seed))
 
 
 def random_resized_crop_window(
@@ -540,6 +724,7 @@ def build_dataset(
     image_size: int | None = None,
     epoch: int | None = None,
     skip: int = 0,
+    crop_padding: int = 4,
 ) -> tf.data.Dataset:
     """A batched, prefetched tf.data.Dataset of (float32 images in [0, 1], int64 labels).
 
@@ -548,8 +733,8 @@ def build_dataset(
         imagenet2012) or any TFDS image-classification dataset.
       split: TFDS split, e.g. "train", "test", "validation" (see `dataset_info`).
       batch_size: the GLOBAL batch size (a tf.distribute strategy splits it).
-      training: shuffle (seeded) and augment: CIFAR zero-pad-4 random crop +
-        flip; ImageNet random-resized crop 224 + flip. Without it ImageNet is
+      training: shuffle (seeded) and augment: CIFAR zero-pad `crop_padding`,
+        random crop + flip; ImageNet random-resized crop 224 + flip. Without it ImageNet is
         resize-256 + centre-crop 224; other datasets are only converted.
         MNIST-like and other datasets get no augmentation.
       data_dir: TFDS data dir (default: TFDS's, ~/tensorflow_datasets).
@@ -557,8 +742,8 @@ def build_dataset(
         deterministic (same batches in the same order for a fresh dataset,
         different augmentation and order from one epoch to the next). Workers
         must share it. None: unseeded and non-deterministic (faster).
-      num_examples: only the first N examples of the split (in TFDS's stored
-        order).
+      num_examples: only the first N >= 1 examples of the split (in TFDS's
+        stored order); None: all of them.
       drop_remainder: drop a last partial batch.
       image_size: output side; ImageNet: crop size (default 224); others: a
         bilinear resize (required for datasets of variable image size).
@@ -567,13 +752,29 @@ def build_dataset(
         what an uninterrupted one would. None: every iteration reshuffles.
       skip: training only: leave out the first `skip` examples of that order
         (before decoding and augmentation), to resume within an epoch.
+      crop_padding: pixels of zero padding per side before the random crop
+        of CIFAR-style training augmentation (the crop offset is uniform
+        over 0..2*crop_padding): 4 as locuslab/fast_adversarial, 2 as the
+        paper's CIFAR code (see `pad_and_random_crop`). Unused otherwise.
 
     Raises:
-      ValueError: unknown dataset, or variable-size images without image_size.
+      ValueError: unknown dataset, variable-size images without image_size,
+        num_examples < 1, skip < 0 or crop_padding < 0.
       DataNotFoundError: ImageNet tars missing (see `check_available`).
       DataIntegrityError: corrupt local Fashion-MNIST files.
       DataError: TFDS could not download/prepare the dataset.
     """
+    if num_examples is not None and (
+        isinstance(num_examples, bool)
+        or not isinstance(num_examples, (int, np.integer))
+        or num_examples < 1
+    ):
+        raise ValueError(
+            f"num_examples must be an integer >= 1 (None for the whole split), got {num_examples!r}"
+        )
+    if isinstance(skip, bool) or not isinstance(skip, (int, np.integer)) or skip < 0:
+        raise ValueError(f"skip must be an integer >= 0, got {skip!r}")
+    _check_padding(crop_padding)
     spec = dataset_info(name, data_dir)
     if spec.augmentation != "imagenet" and image_size is None and None in spec.image_shape:
         raise ValueError(
@@ -606,7 +807,7 @@ def build_dataset(
     )
     imagenet = spec.augmentation == "imagenet"
     ds = builder.as_dataset(
-        split=f"{split}[:{num_examples}]" if num_examples else split,
+        split=split if num_examples is None else f"{split}[:{num_examples}]",
         shuffle_files=training,
         read_config=read_config,
         # Undecoded JPEG bytes: training decodes only the random crop
@@ -614,7 +815,7 @@ def build_dataset(
         decoders={"image": tfds.decode.SkipDecoding()} if imagenet else None,
     )
     ds = ds.map(lambda ex: (ex["image"], ex["label"]), num_parallel_calls=tf.data.AUTOTUNE)
-    if num_examples:
+    if num_examples is not None:
         # tfds.testing.mock_data ignores split slicing ("train[:6]" gives all
         # mocked examples; seen with TFDS 4.9.10), so bound it here too.
         ds = ds.take(num_examples)
@@ -625,8 +826,10 @@ def build_dataset(
         if imagenet:
             buffer = IMAGENET_SHUFFLE_BUFFER
         else:
-            buffer = num_examples or spec.num_train_examples or 10_000
-        ds = ds.shuffle(min(buffer, 100_000), seed=seed, reshuffle_each_iteration=reshuffle)
+            buffer = spec.num_train_examples if num_examples is None else num_examples
+        ds = ds.shuffle(
+            min(buffer or 10_000, 100_000), seed=seed, reshuffle_each_iteration=reshuffle
+        )
 
     size = image_size or (224 if imagenet else None)
     if imagenet and training:
@@ -634,7 +837,9 @@ def build_dataset(
     elif imagenet:
         fn = lambda image, seed_: imagenet_eval_preprocess(image, size)  # noqa: E731
     elif spec.augmentation == "cifar" and training:
-        fn = lambda image, seed_: _resize(cifar_train_preprocess(image, seed_), size)  # noqa: E731
+        fn = lambda image, seed_: _resize(  # noqa: E731
+            cifar_train_preprocess(image, seed_, crop_padding), size
+        )
     else:
         fn = lambda image, seed_: _resize(to_float(image), size)  # noqa: E731
 
