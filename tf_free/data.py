@@ -350,9 +350,16 @@ def _fail_fast_downloads():
     global _fail_fast_users, _fail_fast_saved
     with _fail_fast_lock:
         if _fail_fast_users == 0:
-            _fail_fast_saved = (tfds_downloader._open_url, tfds_downloader.MAX_RETRIES)
-            tfds_downloader._open_url = _checked_open_url(_fail_fast_saved[0])
-            tfds_downloader.MAX_RETRIES = min(_fail_fast_saved[1], DOWNLOAD_RETRIES)
+            # Another TFDS version may lack either global: then TFDS's behaviour stays.
+            _fail_fast_saved = {
+                k: getattr(tfds_downloader, k)
+                for k in ("_open_url", "MAX_RETRIES")
+                if hasattr(tfds_downloader, k)
+            }
+            if "_open_url" in _fail_fast_saved:
+                tfds_downloader._open_url = _checked_open_url(_fail_fast_saved["_open_url"])
+            if "MAX_RETRIES" in _fail_fast_saved:
+                tfds_downloader.MAX_RETRIES = min(_fail_fast_saved["MAX_RETRIES"], DOWNLOAD_RETRIES)
         _fail_fast_users += 1
     try:
         yield
@@ -360,7 +367,8 @@ def _fail_fast_downloads():
         with _fail_fast_lock:
             _fail_fast_users -= 1
             if _fail_fast_users == 0:
-                tfds_downloader._open_url, tfds_downloader.MAX_RETRIES = _fail_fast_saved
+                for k, v in _fail_fast_saved.items():
+                    setattr(tfds_downloader, k, v)
 
 
 def _entries(folder: str) -> set[str]:
