@@ -721,3 +721,21 @@ def test_load_logits_fn_says_the_saved_model_is_damaged(exported, tmp_path, dama
     with pytest.raises(export.ExportError, match="^" + re.escape(expected) + "$"):
         export.load_logits_fn(export_dir)
     assert issubclass(export.ExportError, ValueError)
+
+
+def test_an_export_of_tf_free_0_1_without_the_marker_is_still_ours(tmp_path):
+    """0.1 wrote no marker: its two signatures identify it, so re-running an old run can export."""
+    model, kernel, bias = dense_model(1)
+    old = str(tmp_path / "export")
+    export.export_saved_model(model, old)
+    shutil.rmtree(os.path.join(old, "assets.extra"))  # as tf_free 0.1 left it
+    assert export.export_info(old) == {"format": "tf_free export", "version": "0.1 (no marker)"}
+    export.check_export_target(old)
+    export.export_saved_model(model, old)
+    assert export.export_info(old)["format"] == "tf_free export"
+    assert os.path.exists(os.path.join(old, export.MARKER))
+    assert_serves(old, kernel, bias)
+    # A stray file beside the SavedModel: not recognised any more.
+    shutil.rmtree(os.path.join(old, "assets.extra"))
+    (tmp_path / "export" / "notes.txt").write_text("mine")
+    assert export.export_info(old) is None

@@ -143,7 +143,7 @@ def test_a_killed_worker_stops_the_run_and_the_relaunch_resumes(tmp_path):
     assert relaunch.returncode == 0, relaunch.stderr[-3000:]
     output = relaunch.stdout
     for worker in (0, 1):
-        assert re.search(rf"\[worker {worker}\].*Resuming from .*/ckpt-\d+: epoch 1 of 1", output)
+        assert re.search(rf"\[worker {worker}\].*Resuming from .*/ckpt-\d+: pass 1 of 1", output)
     hashes = set(re.findall(r"final weights: sha256 (\w+)", output))
     assert len(hashes) == 1
     with open(os.path.join(model_dir, "results.json")) as f:

@@ -92,7 +92,7 @@ def _run_and_kill(model_dir, checkpoint_number, *flags, sig=signal.SIGKILL):
 def _resumed_from(run, model_dir) -> int:
     """The iteration of the checkpoint the run's log says it resumed from."""
     found = re.search(
-        rf"Resuming from {re.escape(model_dir)}/checkpoints/ckpt-(\d+): epoch \d+ of 2, "
+        rf"Resuming from {re.escape(model_dir)}/checkpoints/ckpt-(\d+): pass \d+ of 2, "
         r"batch (\d+) of 63, iteration (\d+) of 252",
         run.stderr,
     )
@@ -145,7 +145,7 @@ def test_sigkill_then_restart_resumes_exactly(uninterrupted, tmp_path, checkpoin
     assert got["clean_accuracy"] == want["clean_accuracy"]
     # TensorBoard curves continue: each epoch once, no gap, no repeat.
     logs = os.path.join(model_dir, "logs")
-    assert _scalar_steps(os.path.join(logs, "train"), "epoch_loss") == [0, 1]
+    assert _scalar_steps(os.path.join(logs, "train"), "epoch_adv_loss") == [0, 1]
     assert _scalar_steps(os.path.join(logs, "robustness"), "robustness/clean_accuracy") == [1, 2]
 
 

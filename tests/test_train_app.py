@@ -192,7 +192,8 @@ def test_tensorboard_events_hold_training_and_robustness_metrics(tiny_run):
     )
     train.Reload()
     tags = set(train.Tags()["tensors"])
-    assert {"epoch_loss", "epoch_accuracy", "epoch_learning_rate"} <= tags, tags
+    # Free training measures the loss and accuracy on x+δ, and says so.
+    assert {"epoch_adv_loss", "epoch_adv_accuracy", "epoch_learning_rate"} <= tags, tags
     robust = event_accumulator.EventAccumulator(
         os.path.join(logs, "robustness"),
         size_guidance={event_accumulator.TENSORS: 0, event_accumulator.IMAGES: 0},
@@ -258,17 +259,20 @@ def test_export_round_trip_in_a_fresh_process(tiny_run, tmp_path):
     assert "DT_UINT8" in cli.stdout and "probabilities" in cli.stdout
 
 
-def test_export_replaces_an_old_export_atomically(tiny_run, tmp_path):
+def test_export_replaces_only_an_old_export_of_ours(tiny_run, tmp_path):
     config, _ = tiny_run
     target = tmp_path / "export"
     target.mkdir()
-    (target / "stale.txt").write_text("old export")
-    export_dir = os.path.join(config.model_dir, "export")
-    loaded = export.load_logits_fn(export_dir)
+    (target / "stale.txt").write_text("not an export")
     model = small_cnn((28, 28, 1), 10)
-    export.export_saved_model(model, str(target))
-    assert not (target / "stale.txt").exists()
-    assert not glob.glob(str(tmp_path / ".export-*"))  # no staging leftovers
+    with pytest.raises(export.ExportTargetError, match="other contents"):
+        export.export_saved_model(model, str(target))
+    assert (target / "stale.txt").read_text() == "not an export"
+    (target / "stale.txt").unlink()
+    loaded = export.load_logits_fn(os.path.join(config.model_dir, "export"))
+    export.export_saved_model(small_cnn((28, 28, 1), 10), str(target))  # an empty folder
+    export.export_saved_model(model, str(target))  # our own export: replaced
+    assert sorted(os.listdir(tmp_path)) == ["export"]  # no staging leftovers
     x = np.random.default_rng(0).uniform(size=(4, 28, 28, 1)).astype("float32")
     np.testing.assert_allclose(
         export.load_logits_fn(str(target))(x), model(x), rtol=1e-5, atol=1e-5
@@ -289,9 +293,10 @@ def test_evaluate_cli_table_and_json(tiny_run):
     assert "| Training | natural | pgd3 | cw3 | pgd3x2 |" in result.stdout
     with open(os.path.join(config.model_dir, "eval.json")) as f:
         evaluation = json.load(f)
+    accuracy = {e["attack"]: e["accuracy"] for e in evaluation["evaluations"]}
     # The SavedModel's clean accuracy is the trained Keras model's.
-    assert np.isclose(evaluation["natural"], 100 * results["clean_accuracy"])
-    assert evaluation["pgd3x2"] <= evaluation["pgd3"] + 1e-9
+    assert np.isclose(accuracy["natural"], results["clean_accuracy"])
+    assert accuracy["pgd3x2"] <= accuracy["pgd3"] + 1e-9
     assert evaluation["training"] == "free m=2"
 
 

@@ -2,17 +2,24 @@
 
 Takes a run folder (`--model_dir`, whose `config.json` gives the dataset and ε,
 and whose SavedModel is loaded) or any tf_free SavedModel (`--saved_model`,
-with `--dataset` and `--epsilon`). Writes `eval.json` and prints a Markdown
-table shaped like the paper's Table 1.
+with `--dataset`, `--epsilon` and `--step_size`). Prints a Markdown table
+shaped like the paper's Table 1, then merges the results into `eval.json`
+(one entry per attack, number of examples and ε; a new evaluation replaces
+only the entries it measured again). It can evaluate a run that is still
+training: it reads the run folder and writes only `eval.json`, atomically,
+under its own lock.
 """
 
+import datetime
 import json
+import math
 import os
 import sys
 
 from absl import app, flags
 
-from tf_free import data, experiment, export
+from tf_free import config as config_lib
+from tf_free import data, evaluation, export, run_lock
 
 flags.DEFINE_string("model_dir", None, "A tf_free.train run folder.")
 flags.DEFINE_string("saved_model", None, "A SavedModel exported by tf_free (its `serve` endpoint).")
@@ -25,6 +32,9 @@ flags.DEFINE_list(
 flags.DEFINE_string("dataset", None, "TFDS dataset (default: the run's).")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: the run's).")
 flags.DEFINE_float("epsilon", None, "ε in 0-255 pixel units (default: the run's).")
+flags.DEFINE_bool(
+    "allow_large_epsilon", False, f"Allow --epsilon above {config_lib.MAX_EPSILON} (0-255 units)."
+)
 flags.DEFINE_float(
     "step_size", None, "Attack step in 0-255 units (default: the run's eval_pgd_step_size)."
 )
@@ -32,41 +42,123 @@ flags.DEFINE_integer("eval_examples", None, "Test examples (default: the whole t
 flags.DEFINE_integer("batch_size", 500, "Evaluation batch size.")
 flags.DEFINE_integer("seed", 0, "Seed of the random starts.")
 flags.DEFINE_string(
-    "output", None, "Where to write eval.json (default: <model_dir>/eval.json or ./eval.json)."
+    "output",
+    None,
+    "The JSON file the results are merged into (default: <model_dir>/eval.json, or "
+    "./eval.json with --saved_model).",
 )
 flags.DEFINE_string("label", None, "Row label in the table (default: from the run's config).")
 
 FLAGS = flags.FLAGS
 
 
+class OutputError(OSError):
+    """The results were printed but could not be written."""
+
+
 def _run_config(model_dir):
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
-        raise experiment.ConfigError(f"{path} not found: is {model_dir!r} a tf_free.train run?")
-    with open(path) as f:
-        return json.load(f)
+        raise config_lib.ConfigError(f"{path} not found: is {model_dir!r} a tf_free.train run?")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise config_lib.ConfigError(f"cannot read {path}: {e}") from e
 
 
-def evaluate(argv_flags=FLAGS) -> dict:
-    f = argv_flags
-    if bool(f.model_dir) == bool(f.saved_model):
-        raise experiment.ConfigError("give exactly one of --model_dir or --saved_model")
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise config_lib.ConfigError(message)
+
+
+def _label(run: dict) -> str:
+    if run.get("method") == "free":
+        return f"free m={run['m']}"
+    if run.get("method") == "pgd":
+        return f"pgd K={run['pgd_steps']}"
+    return run.get("method", "model")
+
+
+def _recover_export(saved_model: str) -> None:
+    """Puts back an export stranded by a killed run, unless a run is writing it now."""
+    lock = run_lock.RunLock(os.path.dirname(os.path.abspath(saved_model)), "tf_free.evaluate")
+    if not os.path.exists(lock.path):
+        export.recover_export(saved_model)
+        return
+    try:
+        lock.acquire()
+    except run_lock.RunLockedError:
+        return  # a live run holds the folder: its own export recovers
+    try:
+        export.recover_export(saved_model)
+    finally:
+        lock.release()
+
+
+def evaluate(f=FLAGS) -> dict:
+    """Runs the attacks, prints the table, merges the results into the output file.
+
+    Returns:
+      The table's row: {"training": label, attack name: accuracy in %, ...}.
+
+    Raises:
+      ConfigError: a bad flag or input, before any attack runs.
+      OutputError: after printing the table, when the output cannot be written.
+    """
+    _check(
+        bool(f.model_dir) != bool(f.saved_model), "give exactly one of --model_dir or --saved_model"
+    )
     run = _run_config(f.model_dir) if f.model_dir else {}
     saved_model = f.saved_model or run.get("export_dir") or os.path.join(f.model_dir, "export")
     dataset = f.dataset or run.get("dataset")
     epsilon = f.epsilon if f.epsilon is not None else run.get("epsilon")
     step_size = f.step_size if f.step_size is not None else run.get("eval_pgd_step_size")
-    if dataset is None or epsilon is None or step_size is None:
-        raise experiment.ConfigError(
-            "with --saved_model, give --dataset, --epsilon and --step_size"
-        )
-    names = list(f.attacks)
+    _check(
+        dataset is not None and epsilon is not None and step_size is not None,
+        "with --saved_model, give --dataset, --epsilon and --step_size",
+    )
+    # Every value is checked before any work, as tf_free.train does.
+    _check(
+        math.isfinite(epsilon) and epsilon >= 0,
+        f"--epsilon must be a finite number >= 0 (0-255 units), got {epsilon}",
+    )
+    _check(
+        f.allow_large_epsilon or epsilon <= config_lib.MAX_EPSILON,
+        f"--epsilon={epsilon} (0-255 units) is above {config_lib.MAX_EPSILON}; ε is in 0-255 "
+        "units (8 means 8/255). Pass --allow_large_epsilon if you mean it",
+    )
+    _check(
+        math.isfinite(step_size) and step_size > 0,
+        f"--step_size must be a finite number > 0 (0-255 units), got {step_size}",
+    )
+    _check(f.batch_size >= 1, f"--batch_size must be >= 1, got {f.batch_size}")
+    _check(
+        f.eval_examples is None or f.eval_examples >= 1,
+        f"--eval_examples must be >= 1 (omit it for the whole test split), got {f.eval_examples}",
+    )
+    _check(0 <= f.seed < 2**31, f"--seed must be in [0, 2^31), got {f.seed}")
+    names = [name.strip() for name in f.attacks if name.strip()]
+    _check(bool(names), "--attacks is empty: name at least one attack, e.g. natural,pgd20")
     for name in names:
-        experiment.attack_from_name(name)  # rejects unknown names before any work
-    if not os.path.isdir(saved_model):
-        raise experiment.ConfigError(f"no SavedModel at {saved_model!r}")
+        evaluation.attack_from_name(name)  # rejects unknown names before any work
     data_dir = f.data_dir or run.get("data_dir")
-    info = data.dataset_info(dataset, data_dir)
+    try:
+        info = data.dataset_info(dataset, data_dir)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from e
+    _recover_export(saved_model)
+    _check(os.path.isdir(saved_model), f"no SavedModel at {saved_model!r}")
+    try:
+        logits_fn = export.load_logits_fn(saved_model)
+    except export.ExportError as e:
+        raise config_lib.ConfigError(str(e)) from e
+    model_shape = tuple(logits_fn.loaded.serve.input_signature[0].shape[1:])
+    _check(
+        model_shape == tuple(info.image_shape),
+        f"the SavedModel takes images of shape {list(model_shape)}, {dataset} has "
+        f"{list(info.image_shape)}: evaluate it on the dataset it was trained for",
+    )
     test = data.build_dataset(
         dataset,
         info.eval_split,
@@ -75,31 +167,43 @@ def evaluate(argv_flags=FLAGS) -> dict:
         data_dir=data_dir,
         num_examples=f.eval_examples,
     )
-    logits_fn = export.load_logits_fn(saved_model)
-    accuracies = experiment.evaluate_attacks(
+    accuracies = evaluation.evaluate_attacks(
         logits_fn, test, names, epsilon=epsilon / 255.0, step_size=step_size / 255.0, seed=f.seed
     )
-    label = f.label or (
-        f"{run['method']} m={run['m']}"
-        if run.get("method") == "free"
-        else f"{run.get('method', 'model')}"
-        + (f" K={run['pgd_steps']}" if run.get("method") == "pgd" else "")
-    )
-    result = {
-        "training": label,
-        "saved_model": os.path.abspath(saved_model),
-        "dataset": dataset,
-        "epsilon_255": epsilon,
-        "step_size_255": step_size,
-        "eval_examples": f.eval_examples or "all",
-        **accuracies,
-    }
+    row = {"training": f.label or _label(run), **accuracies}
+    # The table first: whatever happens to the file, the user has the numbers.
+    print(evaluation.to_markdown([row], names))
     output = f.output or os.path.join(f.model_dir or ".", "eval.json")
-    with open(output, "w") as out:
-        json.dump(result, out, indent=2)
-    print(experiment.to_markdown([result], names))
-    print(f"\nwrote {output}")
-    return result
+    examples = f.eval_examples or "all"
+    entries = [
+        {
+            "attack": name,
+            "examples": examples,
+            "epsilon_255": epsilon,
+            "step_size_255": step_size,
+            "accuracy": accuracies[name] / 100.0,
+            "seed": f.seed,
+            "evaluated": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
+        for name in names
+    ]
+    try:
+        evaluation.merge_results(
+            output,
+            entries,
+            header={
+                "training": row["training"],
+                "saved_model": os.path.abspath(saved_model),
+                "dataset": dataset,
+            },
+        )
+    except OSError as e:
+        raise OutputError(
+            f"could not write {output} ({e.strerror or e}); the results are in the table "
+            "above. Use --output to write them elsewhere"
+        ) from e
+    print(f"\nmerged into {output}")
+    return row
 
 
 def main(argv):
@@ -107,7 +211,7 @@ def main(argv):
         sys.exit(f"tf_free.evaluate: error: unexpected arguments {argv[1:]}")
     try:
         evaluate()
-    except (experiment.ConfigError, data.DataError) as e:
+    except (config_lib.ConfigError, data.DataError, export.ExportError, OutputError) as e:
         sys.exit(f"tf_free.evaluate: error: {e}")
 
 

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -16,156 +15,23 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_free import attacks, callbacks, data, export, loop, models
+from tf_free import callbacks, data, export, loop, models, optimization, run_lock
+from tf_free.config import (  # noqa: F401 - re-exported: the config's home is tf_free.config
+    JIT_CHOICES,
+    LR_SCHEDULES,
+    METHODS,
+    PRECISIONS,
+    RUNTIME_FIELDS,
+    STRATEGIES,
+    ConfigError,
+    TrainConfig,
+    differences,
+    from_json_dict,
+    plan,
+)
+from tf_free.evaluation import attack_from_name, evaluate_attacks, to_markdown  # noqa: F401
 from tf_free.free import FreeAdversarialModel, PGDAdversarialModel
 
-METHODS = ("free", "pgd", "natural")
-LR_SCHEDULES = ("piecewise", "cosine", "cyclic")
-STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
-PRECISIONS = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
-JIT_CHOICES = ("auto", "true", "false")
-
-
-class ConfigError(ValueError):
-    """A bad setting, reported before any work starts."""
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything a run needs. ε and step sizes are in 0-255 pixel units."""
-
-    dataset: str = "fashion_mnist"
-    data_dir: str | None = None
-    method: str = "free"
-    m: int = 8
-    epsilon: float = 25.5
-    step_size: float | None = None
-    pgd_steps: int = 7
-    pgd_step_size: float | None = None
-    epochs: float = 8
-    batch_size: int = 128
-    lr: float = 0.05
-    lr_schedule: str = "cosine"
-    lr_boundaries: tuple[float, ...] = ()
-    lr_decay: float = 0.1
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    model: str = "small_cnn"
-    wrn_depth: int = 32
-    wrn_width: int = 10
-    model_dir: str = "runs/quickstart"
-    export_dir: str | None = None
-    strategy: str = "auto"
-    jit_compile: str = "auto"
-    cpu_devices: int = 1
-    mixed_precision: str = "none"
-    seed: int = 0
-    deterministic: bool = False
-    checkpoint_every: int = 200
-    overwrite: bool = False
-    eval_every: int = 1
-    eval_examples: int = 10000
-    eval_pgd_steps: int = 20
-    eval_pgd_step_size: float = 2.55
-    train_examples: int | None = None
-    verbose: int = 1
-
-    def validate(self) -> None:
-        """Raises ConfigError for any bad value (no I/O)."""
-        checks = [
-            (self.method in METHODS, f"--method must be one of {METHODS}, got {self.method!r}"),
-            (self.m >= 1, f"--m (replays) must be >= 1, got {self.m}"),
-            (self.epsilon >= 0, f"--epsilon must be >= 0 (0-255 units), got {self.epsilon}"),
-            (
-                self.step_size is None or self.step_size > 0,
-                f"--step_size must be > 0 (0-255 units), got {self.step_size}",
-            ),
-            (self.pgd_steps >= 1, f"--pgd_steps must be >= 1, got {self.pgd_steps}"),
-            (
-                self.pgd_step_size is None or self.pgd_step_size > 0,
-                f"--pgd_step_size must be > 0 (0-255 units), got {self.pgd_step_size}",
-            ),
-            (self.epochs > 0, f"--epochs must be > 0, got {self.epochs}"),
-            (self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
-            (
-                self.lr_schedule in LR_SCHEDULES,
-                f"--lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}",
-            ),
-            (self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}"),
-            (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
-            (
-                self.model in models.MODELS,
-                f"unknown --model {self.model!r}; choose one of {sorted(models.MODELS)}",
-            ),
-            (
-                self.strategy in STRATEGIES,
-                f"--strategy must be one of {STRATEGIES}, got {self.strategy!r}",
-            ),
-            (
-                self.jit_compile in JIT_CHOICES,
-                f"--jit_compile must be one of {JIT_CHOICES}, got {self.jit_compile!r}",
-            ),
-            (
-                self.model != "wide_resnet"
-                or (self.wrn_depth >= 8 and (self.wrn_depth - 2) % 6 == 0),
-                f"--wrn_depth must be 6n+2 (8, 14, ..., 32), got {self.wrn_depth}",
-            ),
-            (
-                self.mixed_precision in PRECISIONS,
-                f"--mixed_precision must be one of {tuple(PRECISIONS)}, got {self.mixed_precision!r}",
-            ),
-            (self.cpu_devices >= 1, f"--cpu_devices must be >= 1, got {self.cpu_devices}"),
-            (
-                self.checkpoint_every >= 0,
-                f"--checkpoint_every must be >= 0 (batches), got {self.checkpoint_every}",
-            ),
-            (self.eval_every >= 1, f"--eval_every must be >= 1, got {self.eval_every}"),
-            (self.eval_examples >= 1, f"--eval_examples must be >= 1, got {self.eval_examples}"),
-            (self.eval_pgd_steps >= 1, f"--eval_pgd_steps must be >= 1, got {self.eval_pgd_steps}"),
-            (
-                self.train_examples is None or self.train_examples >= 1,
-                f"--train_examples must be >= 1, got {self.train_examples}",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-
-    @property
-    def passes(self) -> int:
-        """Passes over the data: the natural-epoch budget / m for free training."""
-        if self.method == "free":
-            return max(1, math.ceil(self.epochs / self.m))
-        return max(1, math.ceil(self.epochs))
-
-    @property
-    def replays(self) -> int:
-        return self.m if self.method == "free" else 1
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-
-# Settings that do not change what is trained: a run may resume with other values.
-RUNTIME_FIELDS = frozenset(
-    {
-        "data_dir",
-        "model_dir",
-        "export_dir",
-        "strategy",
-        "jit_compile",
-        "cpu_devices",
-        "deterministic",
-        "checkpoint_every",
-        "overwrite",
-        "eval_every",
-        "eval_examples",
-        "eval_pgd_steps",
-        "eval_pgd_step_size",
-        "verbose",
-    }
-)
 # What a run folder holds; --overwrite removes exactly these.
 RUN_FILES = ("config.json", "checkpoints", "logs", "results.json", "export", "eval.json")
 
@@ -173,7 +39,8 @@ RUN_FILES = ("config.json", "checkpoints", "logs", "results.json", "export", "ev
 def prepare_model_dir(config: TrainConfig, chief: bool = True) -> None:
     """Checks that `model_dir` is new, or holds this same run (to resume), or --overwrite.
 
-    With --overwrite (on the chief) the previous run's files are deleted.
+    With --overwrite (on the chief) the previous run's files are deleted,
+    and so are a stranded export's staging folders.
 
     Raises ConfigError naming the settings that differ from the run already
     there; nothing in the folder is touched then.
@@ -187,28 +54,29 @@ def prepare_model_dir(config: TrainConfig, chief: bool = True) -> None:
                 shutil.rmtree(target)
             elif os.path.exists(target):
                 os.remove(target)
+        export.remove_staging(export_dir(config))
         logging.info("--overwrite: removed the previous run in %s", config.model_dir)
     if os.path.exists(path) and not config.overwrite:
         try:
             with open(path) as f:
-                old = json.load(f)
-        except (OSError, ValueError) as e:
+                old = from_json_dict(json.load(f))
+        except (OSError, ValueError, TypeError) as e:
             raise ConfigError(
                 f"--model_dir {config.model_dir!r} holds an unreadable config.json ({e}); "
                 "use another --model_dir, or --overwrite to start again there"
             ) from e
-        new = json.loads(config.to_json())
-        differences = [
-            f"{key}={old.get(key)!r} there, {new[key]!r} now"
-            for key in sorted(new)
-            if key not in RUNTIME_FIELDS and old.get(key) != new[key]
-        ]
-        if differences:
+        found = differences(old, config)
+        if found:
             raise ConfigError(
                 f"--model_dir {config.model_dir!r} holds another run ("
-                + "; ".join(differences)
+                + "; ".join(found)
                 + "). Use another --model_dir, or --overwrite to replace that run"
             )
+
+
+def export_dir(config: TrainConfig) -> str:
+    """Where the run's SavedModel goes: --export_dir, or <model_dir>/export."""
+    return config.export_dir or os.path.join(config.model_dir, "export")
 
 
 def checkpoint_dir(model_dir: str) -> str:
@@ -329,40 +197,33 @@ def resolve_jit(setting: str, strategy: tf.distribute.Strategy, method: str = "f
     return "per_replica"
 
 
-class CyclicLR(keras.optimizers.schedules.LearningRateSchedule):
-    """Triangular one-cycle: 0 -> `peak` at 2/5 of training -> 0 (fast_adversarial's)."""
+def build_lr_schedule(
+    config: TrainConfig, budget
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """The learning rate as a function of optimizer iterations (replays count).
 
-    def __init__(self, peak, total_steps):
-        self.peak = float(peak)
-        self.total_steps = int(total_steps)
-
-    def __call__(self, step):
-        t = tf.cast(step, tf.float32)
-        up = max(1.0, 0.4 * self.total_steps)
-        down = max(1.0, self.total_steps - up)
-        rate = tf.where(t < up, t / up, tf.maximum(0.0, (self.total_steps - t) / down))
-        return self.peak * rate
-
-    def get_config(self):
-        return {"peak": self.peak, "total_steps": self.total_steps}
-
-
-def build_lr_schedule(config: TrainConfig, iterations_per_epoch: int, total_iterations: int):
-    """Schedules keyed on optimizer iterations; boundaries given in natural epochs.
-
-    One natural epoch is `iterations_per_epoch` iterations for every method
-    (free training's replays count as iterations), so a boundary in natural
-    epochs falls at the same point of the budget whatever m is.
+    Piecewise boundaries come from `budget.lr_boundaries` (given in natural
+    epochs or in iterations, converted by `config.plan`), so a boundary falls
+    at the same point of the budget whatever m is.
     """
     if config.lr_schedule == "cosine":
-        return keras.optimizers.schedules.CosineDecay(config.lr, total_iterations)
+        return keras.optimizers.schedules.CosineDecay(config.lr, budget.total_iterations)
     if config.lr_schedule == "cyclic":
-        return CyclicLR(config.lr, total_iterations)
-    boundaries = [int(round(b * iterations_per_epoch)) for b in config.lr_boundaries]
-    if not boundaries:
+        return optimization.CyclicLR(config.lr, budget.total_iterations)
+    if not budget.lr_boundaries:
         return config.lr
-    values = [config.lr * config.lr_decay**i for i in range(len(boundaries) + 1)]
-    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+    values = [config.lr * config.lr_decay**i for i in range(len(budget.lr_boundaries) + 1)]
+    return keras.optimizers.schedules.PiecewiseConstantDecay(list(budget.lr_boundaries), values)
+
+
+def build_optimizer(config: TrainConfig, budget) -> optimization.MomentumSGD:
+    """Momentum SGD with coupled weight decay, as both official codes train."""
+    return optimization.MomentumSGD(
+        build_lr_schedule(config, budget),
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        decay_variables=config.weight_decay_vars,
+    )
 
 
 def build_model(config: TrainConfig, info) -> tuple[keras.Model, keras.Model]:
@@ -375,18 +236,116 @@ def build_model(config: TrainConfig, info) -> tuple[keras.Model, keras.Model]:
     base = models.get_model(config.model, info.image_shape, info.num_classes, **kwargs)
     epsilon = config.epsilon / 255.0
     if config.method == "free":
-        step = None if config.step_size is None else config.step_size / 255.0
-        model = FreeAdversarialModel(base, epsilon=epsilon, replays=config.m, step_size=step)
+        model = FreeAdversarialModel(
+            base,
+            epsilon=epsilon,
+            replays=config.m,
+            step_size=config.free_step_size / 255.0,
+            delta_projection=config.free_delta_projection,
+        )
     elif config.method == "pgd":
-        step = config.pgd_step_size if config.pgd_step_size is not None else 2.5 * config.epsilon
-        if config.pgd_step_size is None:
-            step /= config.pgd_steps  # Madry et al.'s rule: 2.5 ε / K
         model = PGDAdversarialModel(
-            base, epsilon=epsilon, steps=config.pgd_steps, step_size=step / 255.0
+            base,
+            epsilon=epsilon,
+            steps=config.pgd_steps,
+            step_size=config.pgd_training_step_size / 255.0,
+            attack_bn=config.pgd_attack_bn,
         )
     else:
         model = base
     return model, base
+
+
+def describe_plan(config: TrainConfig) -> str:
+    """The run's plan, as `--dry_run` prints it: reads no data, trains nothing."""
+    config.validate()
+    try:
+        info = data.dataset_info(config.dataset, config.data_dir)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    num_train = info.num_train_examples
+    if config.train_examples:
+        num_train = min(num_train or config.train_examples, config.train_examples)
+    if not num_train:
+        raise ConfigError(f"the size of {config.dataset!r} is unknown until it is prepared")
+    budget = plan(config, num_train, drop_remainder=config.strategy in ("multi_worker", "tpu"))
+    _, base = build_model(config, info)
+    params = sum(int(math.prod(w.shape)) for w in base.trainable_weights)
+    optimizer = build_optimizer(config, budget)
+    optimizer.build(base.trainable_variables)
+    decayed = [v for v in base.trainable_variables if optimizer.decays(v)]
+    decayed_params = sum(int(math.prod(v.shape)) for v in decayed)
+    eps = config.epsilon
+    lines = [
+        f"model        {config.model}: {params:,} trainable parameters, input "
+        f"{tuple(info.image_shape)}, {info.num_classes} classes",
+        f"data         {config.dataset}: {num_train:,} training examples, batch "
+        f"{config.batch_size}, augmentation: {_augmentation(config, info)}",
+        f"method       {_method(config)}",
+        f"budget       {budget.passes} passes x {budget.batches_per_pass} batches per pass"
+        + (
+            f" (last pass {budget.total_batches - (budget.passes - 1) * budget.batches_per_pass})"
+            if budget.total_batches % budget.batches_per_pass
+            else ""
+        )
+        + f" = {budget.total_batches:,} batches x {budget.replays} replays = "
+        f"{budget.total_iterations:,} iterations ({budget.natural_epochs:.4g} natural epochs)",
+        f"lr           {_lr(config, budget)}",
+        f"optimizer    momentum SGD {config.momentum:g}, weight decay {config.weight_decay:g} "
+        + (
+            f"(coupled, as an L2 loss term) on {config.weight_decay_vars}: {len(decayed)} "
+            f"variables, {decayed_params:,} parameters"
+            if config.weight_decay
+            else "(none)"
+        ),
+        f"epsilon      {eps:g}/255 = {eps / 255:.6g}",
+        f"evaluation   PGD-{config.eval_pgd_steps}, step {config.eval_pgd_step_size:g}/255 = "
+        f"{config.eval_pgd_step_size / 255:.6g}, random start, on {config.eval_examples:,} "
+        f"{info.eval_split} examples, every {config.eval_every} pass(es)",
+    ]
+    lines += [f"warning      {w}" for w in config.warnings()]
+    return "\n".join(lines)
+
+
+def _augmentation(config: TrainConfig, info) -> str:
+    if info.augmentation == "cifar":
+        return f"zero-pad {config.crop_padding} px, random crop {info.image_shape[0]}, flip"
+    if info.augmentation == "imagenet":
+        return "random-resized crop 224 + flip (eval: resize 256, centre crop 224)"
+    return "none (shuffling only)"
+
+
+def _method(config: TrainConfig) -> str:
+    if config.method == "free":
+        step = config.free_step_size
+        return (
+            f"free (Alg. 2), m={config.m}, δ step {step:g}/255 = {step / 255:.6g}, "
+            f"δ kept {'in the ε-ball, x+δ clipped' if config.free_delta_projection == 'epsilon_ball' else 'so that x+δ is a valid image'}"
+        )
+    if config.method == "pgd":
+        step = config.pgd_training_step_size
+        return (
+            f"PGD-{config.pgd_steps} training (Alg. 1), step {step:g}/255 = {step / 255:.6g}, "
+            f"random start, attack batch norm in {config.pgd_attack_bn} mode"
+        )
+    return "natural"
+
+
+def _lr(config: TrainConfig, budget) -> str:
+    if config.lr_schedule == "piecewise":
+        if not budget.lr_boundaries:
+            return f"constant {config.lr:g}"
+        values = [config.lr * config.lr_decay**i for i in range(len(budget.lr_boundaries) + 1)]
+        steps = ", then ".join(
+            f"{v:g} after iteration {b:,}" for v, b in zip(values[1:], budget.lr_boundaries)
+        )
+        return f"piecewise: {values[0]:g}, then {steps}"
+    if config.lr_schedule == "cyclic":
+        return (
+            f"cyclic: 0 -> {config.lr:g} at iteration {budget.total_iterations // 2:,} -> 0 at "
+            f"{budget.total_iterations:,}"
+        )
+    return f"cosine from {config.lr:g} to 0 over {budget.total_iterations:,} iterations"
 
 
 def train_and_evaluate(config: TrainConfig) -> dict:
@@ -396,9 +355,12 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     `logs/`, checkpoints in `checkpoints/`, `results.json`, and the SavedModel
     in `export/` (or `config.export_dir`). Started again on the same folder, a
     run resumes from its latest checkpoint (see `tf_free.loop`); under
-    multi_worker only the chief writes logs, results and the export.
+    multi_worker only the chief writes logs, results and the export. One
+    process at a time may train in a run folder (`run_lock`).
     """
     config.validate()
+    for warning in config.warnings():
+        logging.warning("%s", warning)
     configure_cpu_devices(config.cpu_devices)
     strategy = build_strategy(config.strategy, config.cpu_devices)
     chief = loop.is_chief(strategy)
@@ -406,12 +368,34 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         info = data.dataset_info(config.dataset, config.data_dir)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    target = export_dir(config)
+    try:
+        export.check_export_target(
+            target, config.model_dir, run_files=tuple(f for f in RUN_FILES if f != "export")
+        )
+    except export.ExportTargetError as e:
+        raise ConfigError(str(e)) from e
     data.check_available(config.dataset, config.data_dir)
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
         raise ConfigError(
             f"--batch_size {config.batch_size} is not divisible by the {replicas} replicas"
         )
+    lock = None
+    if chief:  # the workers of a multi-worker run join under the chief's lock
+        check_model_dir_writable(config.model_dir)
+        try:
+            lock = run_lock.RunLock(config.model_dir).acquire()
+        except run_lock.RunLockedError as e:
+            raise ConfigError(str(e)) from e
+    try:
+        return _train_and_evaluate(config, strategy, chief, info, target)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_and_evaluate(config, strategy, chief, info, target) -> dict:
     prepare_model_dir(config, chief)
     loop.barrier(strategy)  # the other workers wait for the chief's --overwrite
     jit = resolve_jit(config.jit_compile, strategy, config.method)
@@ -421,6 +405,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     # fp16 wraps the optimizer in a LossScaleOptimizer at compile(); the input
     # gradient stays scaled, which only its sign survives (attacks.gradient_sign).
     keras.mixed_precision.set_global_policy(PRECISIONS[config.mixed_precision])
+    replicas = strategy.num_replicas_in_sync
 
     num_train = config.train_examples or info.num_train_examples
     if config.train_examples:
@@ -428,13 +413,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     # Across workers (and on TPUs) every step needs a full batch on every
     # replica: drop the last partial one. MirroredStrategy takes it (free.py).
     drop_remainder = config.strategy in ("multi_worker", "tpu")
-    if drop_remainder:
-        iterations_per_epoch = num_train // config.batch_size
-    else:
-        iterations_per_epoch = math.ceil(num_train / config.batch_size)
-    if iterations_per_epoch < 1:
-        raise ConfigError(f"fewer training examples ({num_train}) than --batch_size")
-    total_iterations = config.passes * iterations_per_epoch * config.replays
+    budget = plan(config, num_train, drop_remainder)
 
     def make_train_dataset(epoch: int, skip_batches: int) -> tf.data.Dataset:
         return data.build_dataset(
@@ -448,6 +427,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
             drop_remainder=drop_remainder,
             epoch=epoch,
             skip=skip_batches * config.batch_size,
+            **({"crop_padding": config.crop_padding} if info.augmentation == "cifar" else {}),
         )
 
     eval_ds = data.build_dataset(
@@ -461,15 +441,17 @@ def train_and_evaluate(config: TrainConfig) -> dict:
 
     with strategy.scope():
         model, base = build_model(config, info)
-        optimizer = keras.optimizers.SGD(
-            build_lr_schedule(config, iterations_per_epoch, total_iterations),
-            momentum=config.momentum,
-            weight_decay=config.weight_decay or None,
-        )
+        optimizer = build_optimizer(config, budget)
+        adversarial = config.method != "natural"
         model.compile(
             optimizer=optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
+            # Free and PGD training measure accuracy on x+δ / x_adv: say so.
+            metrics=[
+                keras.metrics.SparseCategoricalAccuracy(
+                    name="adv_accuracy" if adversarial else "accuracy"
+                )
+            ],
             jit_compile=jit,
         )
         # Everything a checkpoint holds exists before it is restored.
@@ -484,7 +466,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         raise ConfigError(str(e)) from e
     if chief:  # only now: a run that cannot resume leaves the folder as it was
         write_config(config)
-    if resumed and int(state.epoch) >= config.passes:
+    if resumed and int(state.epoch) >= budget.passes:
         logging.info(
             "%s holds a finished run (%s): evaluating and exporting it",
             config.model_dir,
@@ -492,14 +474,14 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         )
     elif resumed:
         logging.info(
-            "Resuming from %s: epoch %d of %d, batch %d of %d, iteration %d of %d",
+            "Resuming from %s: pass %d of %d, batch %d of %d, iteration %d of %d",
             state.latest,
             int(state.epoch) + 1,
-            config.passes,
+            budget.passes,
             int(state.batch),
-            iterations_per_epoch,
+            budget.batches_per_pass,
             loop.iterations(model),
-            total_iterations,
+            budget.total_iterations,
         )
     log_dir = os.path.join(config.model_dir, "logs")
     epsilon = config.epsilon / 255.0
@@ -522,38 +504,48 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         "Training %s (%s, m=%d) on %s: %d pass(es) x %d batches x %d replays = %d iterations",
         config.model,
         config.method,
-        config.replays,
+        budget.replays,
         config.dataset,
-        config.passes,
-        iterations_per_epoch,
-        config.replays,
-        total_iterations,
+        budget.passes,
+        budget.batches_per_pass,
+        budget.replays,
+        budget.total_iterations,
     )
     history = loop.fit(
         model,
         make_train_dataset,
         strategy=strategy,
-        epochs=config.passes,
-        steps_per_epoch=iterations_per_epoch,
+        epochs=budget.passes,
+        steps_per_epoch=budget.batches_per_pass,
+        total_steps=budget.total_batches,
         state=state,
         callbacks=[keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False), robustness]
         if chief
         else [],
         checkpoint_every=config.checkpoint_every,
         verbose=config.verbose if chief else 0,
+        # Free and PGD training measure the loss on x+δ / x_adv: say so.
+        log_names={"loss": "adv_loss"} if adversarial else None,
     )
     fingerprint = loop.weights_fingerprint(model)
     logging.info("final weights: sha256 %s (identical on every worker)", fingerprint)
-    export_dir = config.export_dir or os.path.join(config.model_dir, "export")
     if not chief:  # every worker exports (as it saves); only the chief's is kept
         temporary = os.path.join(
             config.model_dir, f".export-worker-{strategy.cluster_resolver.task_id}"
         )
+        shutil.rmtree(temporary, ignore_errors=True)
         export.export_saved_model(base, temporary)
         shutil.rmtree(temporary, ignore_errors=True)
         return {"iterations": loop.iterations(model), "weights_sha256": fingerprint}
     final = robustness.last_results or robustness.evaluate()
-    export.export_saved_model(base, export_dir)
+    try:
+        export.export_saved_model(base, target, model_dir=config.model_dir)
+    except OSError as e:
+        raise loop.TrainingError(
+            f"could not write the SavedModel to {target}: {e.strerror or e}. The trained "
+            f"model is in the checkpoint {state.latest}; free space and run the same command "
+            "again to export it"
+        ) from e
     results = {
         **final,
         "train_minutes": float(state.seconds) / 60,
@@ -563,64 +555,17 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         "epsilon": epsilon,
         "eval_examples": config.eval_examples,
         "log_dir": os.path.abspath(log_dir),
-        "export_dir": os.path.abspath(export_dir),
+        "export_dir": os.path.abspath(target),
     }
-    if history.history.get("loss"):  # empty when a finished run is started again
-        results["train_loss"] = float(history.history["loss"][-1])
-        results["train_accuracy"] = float(history.history["accuracy"][-1])
-    with open(os.path.join(config.model_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    prefix = "adv_" if adversarial else ""
+    if history.history.get(f"{prefix}loss"):  # empty when a finished run is started again
+        for name in ("loss", "accuracy"):
+            results[f"train_{prefix}{name}"] = float(history.history[f"{prefix}{name}"][-1])
+    _write_json_atomically(os.path.join(config.model_dir, "results.json"), results)
     return results
 
 
-def evaluate_attacks(logits_fn, dataset, names, *, epsilon, step_size, seed=0, verbose=True):
-    """Accuracy (in %) under each named attack: natural, pgdK, cwK, pgdKxR.
-
-    `pgd20x10` is PGD-20 with 10 random restarts; `cw100` is PGD-100 on the
-    Carlini-Wagner margin loss (the paper's CW-100 column).
-    """
-    results = {}
-    for name in names:
-        kwargs = attack_from_name(name)
-        if kwargs is None:
-            acc = attacks.accuracy_under_attack(logits_fn, dataset, verbose=verbose)
-        else:
-            acc = attacks.accuracy_under_attack(
-                logits_fn,
-                dataset,
-                attacks.pgd,
-                verbose=verbose,
-                epsilon=epsilon,
-                step_size=step_size,
-                seed=seed,
-                **kwargs,
-            )
-        results[name] = 100.0 * acc
-    return results
-
-
-def attack_from_name(name: str):
-    """'natural' -> None; 'pgd20' / 'cw100' / 'pgd20x10' -> pgd keyword arguments."""
-    if name == "natural":
-        return None
-    for prefix, loss in (("pgd", "ce"), ("cw", "cw")):
-        if name.startswith(prefix):
-            steps, _, restarts = name[len(prefix) :].partition("x")
-            if steps.isdigit() and (restarts.isdigit() or not restarts):
-                return {"steps": int(steps), "restarts": int(restarts or 1), "loss": loss}
-    raise ConfigError(
-        f"unknown attack {name!r}: use natural, pgdK, cwK or pgdKxR (K steps, R restarts)"
-    )
-
-
-def to_markdown(rows: list[dict], columns: list[str]) -> str:
-    """A Markdown table shaped like the paper's Table 1."""
-    header = "| Training | " + " | ".join(columns) + " |"
-    lines = [header, "|" + "---|" * (len(columns) + 1)]
-    for row in rows:
-        cells = [
-            f"{row[c]:.2f}%" if isinstance(row.get(c), float) else str(row.get(c, ""))
-            for c in columns
-        ]
-        lines.append(f"| {row['training']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def _write_json_atomically(path: str, value) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(path + ".tmp", path)

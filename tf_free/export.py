@@ -65,6 +65,8 @@ def export_info(path: str) -> dict | None:
     try:
         with open(os.path.join(path, MARKER)) as f:
             info = json.load(f)
+    except FileNotFoundError:
+        return _legacy_export_info(path)
     except (OSError, ValueError):
         return None
     if not isinstance(info, dict) or info.get("format") != "tf_free export":
@@ -72,6 +74,35 @@ def export_info(path: str) -> dict | None:
     if not os.path.isfile(os.path.join(path, tf.saved_model.SAVED_MODEL_FILENAME_PB)):
         return None
     return info
+
+
+def _legacy_export_info(path: str) -> dict | None:
+    """An export of tf_free 0.1, before the marker: recognised by its signatures.
+
+    Exactly `serving_default` (uint8 `images` -> logits, probabilities) and
+    `serve` (float32 `images`), and nothing else in the folder but what a
+    SavedModel holds.
+    """
+    allowed = {"saved_model.pb", "fingerprint.pb", "variables", "assets"}
+    try:
+        if not set(os.listdir(path)) <= allowed:
+            return None
+        graph = saved_model_pb2.SavedModel()
+        with open(os.path.join(path, tf.saved_model.SAVED_MODEL_FILENAME_PB), "rb") as f:
+            graph.ParseFromString(f.read())
+    except (OSError, DecodeError):
+        return None
+    if len(graph.meta_graphs) != 1:
+        return None
+    signatures = graph.meta_graphs[0].signature_def
+    if set(signatures) - {"__saved_model_init_op"} != {"serving_default", "serve"}:
+        return None
+    default = signatures["serving_default"]
+    if set(default.inputs) != {"images"} or set(default.outputs) != {"logits", "probabilities"}:
+        return None
+    if default.inputs["images"].dtype != tf.uint8.as_datatype_enum:
+        return None
+    return {"format": "tf_free export", "version": "0.1 (no marker)"}
 
 
 def check_export_target(

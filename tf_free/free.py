@@ -14,6 +14,9 @@ import tensorflow as tf
 
 from tf_free import attacks
 
+DELTA_PROJECTIONS = ("valid_image", "epsilon_ball")
+ATTACK_BN_MODES = ("train", "inference")
+
 
 def _unscaled(loss):
     # Under a tf.distribute strategy `compute_loss` returns loss / replicas, so
@@ -114,6 +117,18 @@ class FreeAdversarialModel(_AdversarialModel):
     schedule keyed on iterations sees m steps per minibatch.
 
     With `epsilon=0` this is natural training with minibatch replay (Fig. 1).
+
+    `delta_projection` says how δ is kept after its step:
+    - "valid_image" (default): δ is clipped to ±ε and then so that x+δ is a
+      valid image, as locuslab/fast_adversarial `CIFAR10/train_free.py`
+      L103-104 does;
+    - "epsilon_ball": δ is only clipped to ±ε and the model sees
+      clip(x+δ, clip_min, clip_max), as the paper's own codes do
+      (ashafahi/free_adv_train `free_model.py` L50-51 and `free_train.py` L56-59;
+      mahyarnajibi/FreeAdversarialTraining `main_free.py` L182-183, L199-200).
+      The two differ only in the δ carried to the next minibatch.
+    The forward pass always sees clip(x+δ), so its gradient is zero on pixels
+    the clip saturates.
     """
 
     def __init__(
@@ -123,6 +138,7 @@ class FreeAdversarialModel(_AdversarialModel):
         epsilon: float,
         replays: int,
         step_size: float | None = None,
+        delta_projection: str = "valid_image",
         clip_min: float = 0.0,
         clip_max: float = 1.0,
         **kwargs,
@@ -130,6 +146,10 @@ class FreeAdversarialModel(_AdversarialModel):
         super().__init__(base_model, clip_min=clip_min, clip_max=clip_max, **kwargs)
         if epsilon < 0:
             raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+        if delta_projection not in DELTA_PROJECTIONS:
+            raise ValueError(
+                f"delta_projection must be one of {DELTA_PROJECTIONS}, got {delta_projection!r}"
+            )
         if isinstance(replays, bool) or int(replays) != replays or replays < 1:
             raise ValueError(f"replays (m) must be an integer >= 1, got {replays!r}")
         if step_size is not None and step_size <= 0:
@@ -137,6 +157,7 @@ class FreeAdversarialModel(_AdversarialModel):
         self.epsilon = float(epsilon)
         self.replays = int(replays)
         self.step_size = self.epsilon if step_size is None else float(step_size)
+        self.delta_projection = delta_projection
         self._perturbation = None
 
     @property
@@ -165,8 +186,9 @@ class FreeAdversarialModel(_AdversarialModel):
         with self.distribute_strategy.scope():
             # A plain tf.Variable (not a Keras weight): δ is training state, like
             # optimizer slots, and not part of the served model. ON_READ keeps
-            # one copy per replica; MEAN (not NONE) lets export handle it (see
-            # TECH_NOTES.md). Checkpoints go through `_Perturbation`.
+            # one copy per replica; MEAN, not NONE: with NONE, saving and export
+            # fail ("Could not convert from tf.VariableAggregation NONE to
+            # tf.distribute.ReduceOp"). Checkpoints go through `_Perturbation`.
             variable = tf.Variable(
                 tf.zeros(batch_shape, tf.float32),
                 trainable=False,
@@ -200,8 +222,10 @@ class FreeAdversarialModel(_AdversarialModel):
         x = tf.cast(x, self.perturbation.dtype)
         batch = tf.shape(x)[0]  # a final batch may be smaller than δ
         # Alg. 2: replay the minibatch m times. A Python loop (unrolled; m is
-        # small): tf.range is not allowed here, and tf.while_loop around
-        # optimizer.apply fails under MirroredStrategy (TECH_NOTES.md).
+        # small): Keras runs train_step without AutoGraph, so `for _ in
+        # tf.range(m)` raises OperatorNotAllowedInGraphError, and a
+        # tf.while_loop around optimizer.apply fails under MirroredStrategy
+        # (its merge_call cannot run inside control flow).
         for _ in range(self.replays):
             delta = self.perturbation.read_value()[:batch]
             # ONE forward pass on x+δ and ONE backward pass for both g_θ and
@@ -211,15 +235,16 @@ class FreeAdversarialModel(_AdversarialModel):
             )
             # θ ← θ − τ·g_θ, by the optimizer (the all-reduce over replicas).
             self.optimizer.apply(weight_grads, self.trainable_variables)
-            # δ ← clip(δ + step·sign(g_adv), −ε, ε), with x+δ kept valid (a
-            # non-finite g_adv from an fp16 overflow gives no step); the
-            # rows beyond a short batch keep their values.
+            # δ ← clip(δ + step·sign(g_adv), −ε, ε) (a non-finite g_adv from
+            # an fp16 overflow gives no step), with x+δ kept valid for
+            # "valid_image"; the rows beyond a short batch keep their values.
             delta = tf.clip_by_value(
                 delta + self.step_size * attacks.gradient_sign(delta_grad),
                 -self.epsilon,
                 self.epsilon,
             )
-            delta = tf.clip_by_value(x + delta, self.clip_min, self.clip_max) - x
+            if self.delta_projection == "valid_image":
+                delta = tf.clip_by_value(x + delta, self.clip_min, self.clip_max) - x
             self.perturbation.assign(
                 tf.concat([delta, self.perturbation.read_value()[batch:]], axis=0)
             )
@@ -241,6 +266,7 @@ class FreeAdversarialModel(_AdversarialModel):
             "epsilon": self.epsilon,
             "replays": self.replays,
             "step_size": self.step_size,
+            "delta_projection": self.delta_projection,
         }
 
 
@@ -251,8 +277,19 @@ class PGDAdversarialModel(_AdversarialModel):
     For each minibatch: K steps of `tf_free.attacks.pgd` (K forward and
     backward passes, weights frozen) find x_adv, then one forward/backward
     pass on x_adv updates the weights. About K+1 times natural training's cost.
-    The attack runs the model in inference mode (batch norm statistics are not
-    updated by the K attack passes).
+
+    `attack_bn` is the mode of the K attack passes:
+    - "train" (default), as the official codes: batch norm normalises with the
+      batch's own statistics, and each attack pass also moves the moving
+      averages (K+1 updates per iteration), as a model in training mode does
+      in Madry et al.'s TF code (`tf.contrib.layers.batch_norm(...,
+      updates_collections=None, is_training=True)`, ashafahi/free_adv_train
+      `free_model.py` L116-117, the same model code) and in
+      locuslab/fast_adversarial `CIFAR10/train_pgd.py` (`model.train()`, L72,
+      around the attack of L93-112);
+    - "inference": the attack sees the moving averages and changes nothing
+      (a weaker adversary during training; tf_free's behaviour before 0.2).
+    Models without batch norm (the small CNN) train the same either way.
     """
 
     def __init__(
@@ -263,6 +300,7 @@ class PGDAdversarialModel(_AdversarialModel):
         steps: int,
         step_size: float,
         random_start: bool = True,
+        attack_bn: str = "train",
         clip_min: float = 0.0,
         clip_max: float = 1.0,
         **kwargs,
@@ -270,6 +308,8 @@ class PGDAdversarialModel(_AdversarialModel):
         super().__init__(base_model, clip_min=clip_min, clip_max=clip_max, **kwargs)
         if epsilon < 0:
             raise ValueError(f"epsilon must be >= 0, got {epsilon}")
+        if attack_bn not in ATTACK_BN_MODES:
+            raise ValueError(f"attack_bn must be one of {ATTACK_BN_MODES}, got {attack_bn!r}")
         if isinstance(steps, bool) or int(steps) != steps or steps < 1:
             raise ValueError(f"steps (K) must be an integer >= 1, got {steps!r}")
         if step_size <= 0:
@@ -278,6 +318,7 @@ class PGDAdversarialModel(_AdversarialModel):
         self.steps = int(steps)
         self.step_size = float(step_size)
         self.random_start = bool(random_start)
+        self.attack_bn = attack_bn
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -294,7 +335,7 @@ class PGDAdversarialModel(_AdversarialModel):
         # Alg. 1, inner loop: x_adv by K-step PGD on the current weights, with
         # a fresh random start for every iteration.
         x_adv = attacks.pgd(
-            lambda images: self(images, training=False),
+            lambda images: self(images, training=self.attack_bn == "train"),
             x,
             y,
             epsilon=self.epsilon,
@@ -320,6 +361,7 @@ class PGDAdversarialModel(_AdversarialModel):
             "steps": self.steps,
             "step_size": self.step_size,
             "random_start": self.random_start,
+            "attack_bn": self.attack_bn,
         }
 
 

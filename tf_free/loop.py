@@ -144,17 +144,25 @@ def fit(
     epochs: int,
     steps_per_epoch: int,
     state: TrainState,
+    total_steps: int | None = None,
     callbacks: list[keras.callbacks.Callback] = (),
     checkpoint_every: int = 0,
     verbose: int = 1,
+    log_names: dict[str, str] | None = None,
 ) -> keras.callbacks.History:
     """Trains from where `state` stands to `epochs` epochs; checkpoints as it goes.
 
     Args:
       make_dataset: (epoch, batches to skip) -> that epoch's dataset of global
         batches, the same on every worker (the strategy shards it).
+      epochs: passes over the data.
+      steps_per_epoch: batches in a whole pass.
       state: restored (or fresh) `TrainState`; saved at the end of every epoch
         and every `checkpoint_every` batches (0: epoch ends only).
+      total_steps: stop after this many batches in all (the last pass is then
+        partial); default epochs × steps_per_epoch.
+      log_names: renames the step's outputs for the progress bar, the
+        callbacks and History (e.g. {"loss": "adv_loss"}).
 
     Raises:
       TrainingError: the loss became NaN or infinite (the checkpoint before it
@@ -170,6 +178,9 @@ def fit(
         steps=steps_per_epoch,
     )
 
+    if total_steps is None:
+        total_steps = epochs * steps_per_epoch
+    log_names = log_names or {}
     train_function = _make_train_function(model, strategy)
     start_epoch = int(state.epoch)
     first_dataset = None
@@ -187,7 +198,9 @@ def fit(
         iterator = iter(_distribute(strategy, dataset))
         started = time.time()
         position = skip
-        for step in range(skip, steps_per_epoch):
+        # The last pass of an iteration budget may stop within the data.
+        steps_this_epoch = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+        for step in range(skip, steps_this_epoch):
             callback_list.on_train_batch_begin(step)
             try:
                 logs = train_function(iterator)
@@ -211,8 +224,13 @@ def fit(
                     f"{step + 1} (iteration {iterations(model)}); stopped. "
                     f"The last good checkpoint is kept: {state.latest or 'none'}."
                 )
+            logs = {log_names.get(k, k): v for k, v in logs.items()}
             position = step + 1
-            if checkpoint_every and position % checkpoint_every == 0 and position < steps_per_epoch:
+            if (
+                checkpoint_every
+                and position % checkpoint_every == 0
+                and position < steps_this_epoch
+            ):
                 started = state.save_at(epoch, position, started)
             callback_list.on_train_batch_end(step, logs)
             if model.stop_training:
@@ -222,7 +240,7 @@ def fit(
         # killed in between redoes the epoch's end, so its summaries are
         # written once, never skipped.
         callback_list.on_epoch_end(epoch, logs)
-        if position == steps_per_epoch:
+        if position == steps_this_epoch:
             state.save_at(epoch + 1, 0)
         else:  # stopped by a callback
             state.save_at(epoch, position)

@@ -9,9 +9,10 @@ import sys
 import tensorflow as tf
 from absl import app, flags, logging
 
-from tf_free import data, experiment, loop
+from tf_free import config as config_lib
+from tf_free import data, experiment, export, loop
 
-_DEFAULTS = experiment.TrainConfig()
+_DEFAULTS = config_lib.TrainConfig()
 
 # Data and method.
 flags.DEFINE_string(
@@ -24,7 +25,7 @@ flags.DEFINE_string(
     "data_dir", None, "TFDS data_dir (ImageNet tars go in <data_dir>/downloads/manual)."
 )
 flags.DEFINE_enum(
-    "method", _DEFAULTS.method, experiment.METHODS, "free (Alg. 2), pgd (K-PGD, Alg. 1) or natural."
+    "method", _DEFAULTS.method, config_lib.METHODS, "free (Alg. 2), pgd (K-PGD, Alg. 1) or natural."
 )
 flags.DEFINE_integer(
     "m", _DEFAULTS.m, "Free training: replays of each minibatch (m).", lower_bound=1
@@ -37,10 +38,30 @@ flags.DEFINE_float(
     lower_bound=0,
 )
 flags.DEFINE_float("step_size", None, "Free training: δ step in 0-255 units (default ε).")
+flags.DEFINE_enum(
+    "free_delta_projection",
+    _DEFAULTS.free_delta_projection,
+    config_lib.DELTA_PROJECTIONS,
+    "Free training: after its step δ is kept so that x+δ is a valid image (valid_image, as "
+    "locuslab/fast_adversarial), or only in the ε-ball with x+δ clipped in the forward pass "
+    "(epsilon_ball, as the paper's own CIFAR and ImageNet codes).",
+)
+flags.DEFINE_bool(
+    "allow_large_epsilon",
+    _DEFAULTS.allow_large_epsilon,
+    f"Allow --epsilon above {config_lib.MAX_EPSILON} (0-255 units), where an image can be erased.",
+)
 flags.DEFINE_integer(
     "pgd_steps", _DEFAULTS.pgd_steps, "PGD training: attack steps K.", lower_bound=1
 )
 flags.DEFINE_float("pgd_step_size", None, "PGD training: step in 0-255 units (default 2.5·ε/K).")
+flags.DEFINE_enum(
+    "pgd_attack_bn",
+    _DEFAULTS.pgd_attack_bn,
+    config_lib.ATTACK_BN_MODES,
+    "PGD training: batch norm mode of the K attack passes; train (batch statistics, moving "
+    "averages updated, as Madry et al.'s and locuslab's codes) or inference.",
+)
 # Budget and optimisation.
 flags.DEFINE_float(
     "epochs",
@@ -48,18 +69,50 @@ flags.DEFINE_float(
     "Natural-epoch budget; free training makes ceil(epochs/m) passes over the data.",
 )
 flags.DEFINE_integer(
+    "iterations",
+    None,
+    "Budget in optimizer iterations (replays count), instead of --epochs: training stops "
+    "after iterations/m batches, within a pass if need be (the paper's CIFAR code: 80000).",
+)
+flags.DEFINE_integer(
     "batch_size", _DEFAULTS.batch_size, "Global batch size (split across replicas).", lower_bound=1
+)
+flags.DEFINE_integer(
+    "crop_padding",
+    _DEFAULTS.crop_padding,
+    "CIFAR augmentation: zero-pad this many pixels per side, then random-crop (the paper's "
+    "CIFAR code pads 2, locuslab/fast_adversarial 4).",
 )
 flags.DEFINE_float("lr", _DEFAULTS.lr, "Peak learning rate.")
 flags.DEFINE_enum(
     "lr_schedule",
     _DEFAULTS.lr_schedule,
-    experiment.LR_SCHEDULES,
+    config_lib.LR_SCHEDULES,
     "Schedule over optimizer iterations (replays count).",
 )
-flags.DEFINE_list("lr_boundaries", [], "piecewise: boundaries in natural epochs, e.g. 100,150.")
+flags.DEFINE_list(
+    "lr_boundaries", [], "piecewise: boundaries in --lr_boundary_unit, e.g. 100,150 (epochs)."
+)
+flags.DEFINE_enum(
+    "lr_boundary_unit",
+    _DEFAULTS.lr_boundary_unit,
+    config_lib.LR_BOUNDARY_UNITS,
+    "Unit of --lr_boundaries: natural epochs, or optimizer iterations (replays count).",
+)
 flags.DEFINE_float("lr_decay", _DEFAULTS.lr_decay, "piecewise: factor applied at each boundary.")
-flags.DEFINE_float("weight_decay", _DEFAULTS.weight_decay, "SGD weight decay.", lower_bound=0)
+flags.DEFINE_float(
+    "weight_decay",
+    _DEFAULTS.weight_decay,
+    "L2 weight decay, coupled through the momentum as in both official codes (wd·w added "
+    "to the gradient).",
+)
+flags.DEFINE_enum(
+    "weight_decay_vars",
+    _DEFAULTS.weight_decay_vars,
+    config_lib.DECAY_VARIABLES,
+    "Variables the weight decay covers: kernels (conv and dense kernels, as the paper's "
+    "CIFAR code) or all (biases and batch norm too, as torch SGD in the ImageNet code).",
+)
 flags.DEFINE_float("momentum", _DEFAULTS.momentum, "SGD momentum.")
 # Model.
 flags.DEFINE_string(
@@ -81,14 +134,14 @@ flags.DEFINE_string("export_dir", None, "SavedModel folder (default <model_dir>/
 flags.DEFINE_enum(
     "strategy",
     _DEFAULTS.strategy,
-    experiment.STRATEGIES,
+    config_lib.STRATEGIES,
     "tf.distribute strategy; auto mirrors over >1 GPU; multi_worker reads TF_CONFIG "
     "(scripts/launch_local_workers.sh); tpu is untested.",
 )
 flags.DEFINE_enum(
     "jit_compile",
     _DEFAULTS.jit_compile,
-    experiment.JIT_CHOICES,
+    config_lib.JIT_CHOICES,
     "XLA; auto = on with GPUs/TPUs (per replica under tf.distribute), off on CPU (slower there).",
 )
 flags.DEFINE_integer(
@@ -101,7 +154,7 @@ flags.DEFINE_integer(
 flags.DEFINE_enum(
     "mixed_precision",
     _DEFAULTS.mixed_precision,
-    list(experiment.PRECISIONS),
+    list(config_lib.PRECISIONS),
     "Keras mixed precision: bf16 or fp16 compute (float32 variables, δ and loss).",
 )
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed for weights, data order and attacks.")
@@ -153,13 +206,25 @@ flags.DEFINE_integer(
     "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch.",
 )
 
+flags.DEFINE_bool(
+    "dry_run",
+    False,
+    "Print the run's plan (model, budget, LR boundaries, weight decay, augmentation, ε) and "
+    "exit; reads no data and trains nothing.",
+)
+
 FLAGS = flags.FLAGS
 
 
-def config_from_flags() -> experiment.TrainConfig:
-    fields = {f: getattr(FLAGS, f) for f in experiment.TrainConfig.__dataclass_fields__}
-    fields["lr_boundaries"] = tuple(float(b) for b in FLAGS.lr_boundaries)
-    return experiment.TrainConfig(**fields)
+def config_from_flags() -> config_lib.TrainConfig:
+    fields = {f: getattr(FLAGS, f) for f in config_lib.TrainConfig.__dataclass_fields__}
+    try:
+        fields["lr_boundaries"] = tuple(float(b) for b in FLAGS.lr_boundaries)
+    except ValueError as e:
+        raise config_lib.ConfigError(
+            f"--lr_boundaries must be numbers separated by commas, got {FLAGS.lr_boundaries}"
+        ) from e
+    return config_lib.TrainConfig(**fields)
 
 
 def main(argv):
@@ -167,8 +232,11 @@ def main(argv):
         sys.exit(f"tf_free.train: error: unexpected arguments {argv[1:]}")
     try:
         config = config_from_flags()
+        if FLAGS.dry_run:
+            print(experiment.describe_plan(config))
+            return
         results = experiment.train_and_evaluate(config)
-    except (experiment.ConfigError, data.DataError, loop.TrainingError) as e:
+    except (config_lib.ConfigError, data.DataError, loop.TrainingError, export.ExportError) as e:
         sys.exit(f"tf_free.train: error: {e}")
     except KeyboardInterrupt:
         # Not saved here: a step may have run after the last recorded position.
