@@ -8,6 +8,8 @@ budget in the units of the images. It returns adversarial images in the
 
 - `core`: the losses, FGSM, PGD (CE/CW, restarts) and `accuracy_under_attack`.
   One PGD serves K-PGD training, evaluation and the figures.
+- `fab`: `fab_t`, targeted L∞ FAB (minimal-norm boundary attack), as in AutoAttack.
+- `square_attack`: `square`, the L∞ Square Attack (gradient-free random search).
 """
 
 from tf_free.attacks.core import (
@@ -19,6 +21,8 @@ from tf_free.attacks.core import (
     gradient_sign,
     pgd,
 )
+from tf_free.attacks.fab import fab_t
+from tf_free.attacks.square_attack import square
 
 __all__ = [
     "LOSSES",
@@ -28,4 +32,6 @@ __all__ = [
     "fgsm",
     "gradient_sign",
     "pgd",
+    "fab_t",
+    "square",
 ]
