@@ -32,7 +32,12 @@ class LinearModel:
         self.masked = masked
 
     def __call__(self, images):
-        x = tf.reshape(tf.cast(images, tf.float32), [-1, DIM])
+        # Fails on an empty batch, as oneDNN convolutions in a SavedModel do:
+        # the attacks must never call the model on 0 images.
+        with tf.control_dependencies(
+            [tf.debugging.assert_positive(tf.shape(images)[0], message="empty batch")]
+        ):
+            x = tf.reshape(tf.cast(images, tf.float32), [-1, DIM])
         if self.masked:
             # 8-bit quantisation with a zero gradient: the forward pass is
             # (almost) the linear model, but no gradient reaches the input.
@@ -278,6 +283,22 @@ def test_square_ball_range_misclassified_and_determinism():
     np.testing.assert_array_equal(adv, again)
     other = square(model, images, labels, **{**kwargs, "seed": 2}).numpy()
     assert not np.array_equal(adv, other)
+
+
+@pytest.mark.parametrize("attack", [fab_t, square])
+def test_nothing_to_attack_never_calls_the_model_on_zero_images(attack):
+    model, images, labels = linear_problem(seed=5, n=6)
+    wrong = (labels + 1) % NUM_CLASSES  # every clean image misclassified
+    np.testing.assert_array_equal(attack(model, images, wrong, epsilon=0.1), images)
+    empty = attack(model, images[:0], labels[:0], epsilon=0.1)
+    assert empty.shape == (0, *SHAPE)
+    # Inside a tf.function, with the batch size unknown when tracing.
+    traced = tf.function(
+        lambda x, y: attack(model, x, y, epsilon=0.1),
+        input_signature=[tf.TensorSpec([None, *SHAPE]), tf.TensorSpec([None], tf.int32)],
+    )
+    assert traced(images[:0], labels[:0]).shape == (0, *SHAPE)
+    np.testing.assert_array_equal(traced(images, wrong), images)
 
 
 # ----------------------------------------------------------------- bad input

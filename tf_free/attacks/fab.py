@@ -280,9 +280,14 @@ def _fab_t_graph(
             random_start=k % restarts > 0,
             seed=tf.stack([seed, tf.cast(k, tf.int64)]),
         )
-        # Re-checked on a fresh forward pass, as the reference does.
+        # Re-checked on a fresh forward pass, as the reference does (skipped
+        # when nothing was found: some models fail on an empty batch).
         index, x_adv, y = (tf.boolean_mask(v, found) for v in (index, x_adv, y))
-        found = _fooled(model(x_adv), y)
+        found = tf.cond(
+            tf.size(y) > 0,
+            lambda: _fooled(model(x_adv), y),
+            lambda: tf.zeros([0], tf.bool),
+        )
         hit = tf.boolean_mask(index, found)[:, None]
         fooled = tf.tensor_scatter_nd_update(fooled, hit, tf.ones_like(hit[:, 0], tf.bool))
         adv = tf.tensor_scatter_nd_update(adv, hit, tf.boolean_mask(x_adv, found))
@@ -386,4 +391,16 @@ def fab_t(
     if tf.executing_eagerly():
         # Eagerly, tf.while_loop would run as a Python loop: trace it once.
         run = tf.function(run)
-    return run(images, labels, tf.convert_to_tensor(seed))
+    return _unless_empty(run, images, labels, tf.convert_to_tensor(seed))
+
+
+def _unless_empty(run, images, labels, seed):
+    """run(images, labels, seed), or `images` for an empty batch.
+
+    Some models (oneDNN convolutions in a SavedModel) fail on a batch of 0.
+    """
+    if images.shape[0] is not None:
+        return run(images, labels, seed) if images.shape[0] > 0 else images
+    return tf.cond(
+        tf.shape(images)[0] > 0, lambda: run(images, labels, seed), lambda: tf.identity(images)
+    )

@@ -20,6 +20,7 @@ import numbers
 import tensorflow as tf
 
 from tf_free.attacks.core import _check_budget, _fooled, _is_int, cw_loss
+from tf_free.attacks.fab import _unless_empty
 
 # Query counts (on a 10,000-query scale) after which p halves: square.py
 # `p_selection` (lines 200-226).
@@ -180,10 +181,9 @@ def _square_graph(
 ):
     logits = tf.cast(model(images), tf.float32)
     fooled = _fooled(logits, labels)
-    adv = images
-    best_margin = tf.fill(tf.shape(labels), float("inf"))
     seed = tf.cast(seed, tf.int64)
-    for restart in range(restarts):
+
+    def run(restart, fooled, adv, best_margin):
         # As `perturb` (square.py lines 613-640): each restart attacks the
         # examples not fooled so far.
         index = tf.where(~fooled)[:, 0]
@@ -197,7 +197,7 @@ def _square_graph(
             rescale=rescale,
             clip_min=clip_min,
             clip_max=clip_max,
-            seed=tf.stack([seed, tf.constant(restart, tf.int64)]),
+            seed=tf.stack([seed, tf.cast(restart, tf.int64)]),
         )
         # Unlike the reference, which returns the clean image, an example no
         # restart fools gets its lowest-margin image (as `pgd` does).
@@ -207,6 +207,15 @@ def _square_graph(
         best_margin = tf.tensor_scatter_nd_update(best_margin, hit, tf.boolean_mask(margin, better))
         done = tf.boolean_mask(index, found)[:, None]
         fooled = tf.tensor_scatter_nd_update(fooled, done, tf.ones_like(done[:, 0], tf.bool))
+        return restart + 1, fooled, adv, best_margin
+
+    # A tf.while_loop over the restarts: the graph holds one run, and a
+    # restart with nothing left to fool never calls the model on 0 images.
+    _, _, adv, _ = tf.while_loop(
+        lambda restart, fooled, *_: (restart < restarts) & ~tf.reduce_all(fooled),
+        run,
+        (tf.constant(0), fooled, images, tf.fill(tf.shape(labels), float("inf"))),
+    )
     return adv
 
 
@@ -285,4 +294,4 @@ def square(
     if tf.executing_eagerly():
         # Eagerly, tf.while_loop would run as a Python loop: trace it once.
         run = tf.function(run)
-    return run(images, labels, tf.convert_to_tensor(seed))
+    return _unless_empty(run, images, labels, tf.convert_to_tensor(seed))
