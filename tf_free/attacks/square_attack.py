@@ -92,9 +92,18 @@ def _square_single_run(
     rows = tf.range(height)[None, :, None, None]
     cols = tf.range(width)[None, None, :, None]
 
-    def query(i, pos, best_a, margin_a, out, out_margin, fooled):
-        x_a = tf.gather(x, pos)
-        y_a = tf.gather(labels, pos)
+    def retire(now_fooled, pos, x_a, y_a, best_a, margin_a, out, out_margin, fooled):
+        # Fooled examples are done: written out, and dropped from the batch.
+        done = tf.boolean_mask(pos, now_fooled)[:, None]
+        out = tf.tensor_scatter_nd_update(out, done, tf.boolean_mask(best_a, now_fooled))
+        out_margin = tf.tensor_scatter_nd_update(
+            out_margin, done, tf.boolean_mask(margin_a, now_fooled)
+        )
+        fooled = tf.tensor_scatter_nd_update(fooled, done, tf.ones_like(done[:, 0], tf.bool))
+        kept = [tf.boolean_mask(v, ~now_fooled) for v in (pos, x_a, y_a, best_a, margin_a)]
+        return (*kept, out, out_margin, fooled)
+
+    def query(i, pos, x_a, y_a, best_a, margin_a, out, out_margin, fooled):
         n_a = tf.shape(pos)[0]
         side = _square_size(_p_selection(i, queries, p_init, rescale), height, width, channels)
         key = tf.random.experimental.stateless_fold_in(seed, i + 1)
@@ -112,7 +121,7 @@ def _square_single_run(
         )
         top = top[:, None, None, None]
         left = left[:, None, None, None]
-        window = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
+        window = ((rows >= top) & (rows < top + side)) & ((cols >= left) & (cols < left + side))
         # x_best + 2ε·sign clipped to the ε-ball is x + ε·sign in the window.
         x_new = tf.where(
             window, tf.clip_by_value(x_a + epsilon * signs, clip_min, clip_max), best_a
@@ -123,37 +132,28 @@ def _square_single_run(
         improved = (margin < margin_a) | now_fooled
         best_a = tf.where(improved[:, None, None, None], x_new, best_a)
         margin_a = tf.where(improved, margin, margin_a)
-
-        # Fooled examples are done: written out, and dropped from the batch.
-        done = tf.boolean_mask(pos, now_fooled)[:, None]
-        out = tf.tensor_scatter_nd_update(out, done, tf.boolean_mask(best_a, now_fooled))
-        out_margin = tf.tensor_scatter_nd_update(
-            out_margin, done, tf.boolean_mask(margin_a, now_fooled)
+        state = (pos, x_a, y_a, best_a, margin_a, out, out_margin, fooled)
+        # Most queries fool nobody: then the batch stays as it is.
+        state = tf.cond(
+            tf.reduce_any(now_fooled),
+            lambda: retire(now_fooled, *state),
+            lambda: state,
         )
-        fooled = tf.tensor_scatter_nd_update(fooled, done, tf.ones_like(done[:, 0], tf.bool))
-        keep = ~now_fooled
-        return (
-            i + 1,
-            tf.boolean_mask(pos, keep),
-            tf.boolean_mask(best_a, keep),
-            tf.boolean_mask(margin_a, keep),
-            out,
-            out_margin,
-            fooled,
-        )
+        return (i + 1, *state)
 
     def going(i, pos, *_):
         return (i < queries) & (tf.size(pos) > 0)
 
-    pos = tf.where(~fooled)[:, 0]
-    pos = tf.cast(pos, tf.int32)
+    pos = tf.cast(tf.where(~fooled)[:, 0], tf.int32)
     unknown = tf.TensorShape([None])
-    _, pos, best_a, margin_a, out, out_margin, fooled = tf.while_loop(
+    _, pos, _, _, best_a, margin_a, out, out_margin, fooled = tf.while_loop(
         going,
         query,
         (
             tf.constant(0),
             pos,
+            tf.gather(x, pos),
+            tf.gather(labels, pos),
             tf.gather(x_best, pos),
             tf.gather(margin_best, pos),
             x_best,
@@ -162,6 +162,8 @@ def _square_single_run(
         ),
         shape_invariants=(
             tf.TensorShape([]),
+            unknown,
+            unknown.concatenate(x.shape[1:]),
             unknown,
             unknown.concatenate(x.shape[1:]),
             unknown,
