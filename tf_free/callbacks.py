@@ -11,14 +11,18 @@ import tensorflow as tf
 
 from tf_free import attacks, loop
 
+EVAL_ATTACKS = ("pgd", "apgd-ce")
+
 
 class RobustnessEvaluation(keras.callbacks.Callback):
-    """Every `every` epochs: clean and PGD-K accuracy on a validation subset.
+    """Every `every` epochs: clean and PGD-K (or APGD-CE) accuracy on a validation subset.
 
     Writes to `<log_dir>/robustness` (next to the `train`/`validation` runs of
     `keras.callbacks.TensorBoard`), with the epoch as step, like Keras's own
     epoch summaries:
-      - `robustness/clean_accuracy`, `robustness/pgd{K}_accuracy`;
+      - `robustness/clean_accuracy`, `robustness/pgd{K}_accuracy` (with
+        `attack="apgd-ce"`: `robustness/apgd_ce{K}_accuracy`, K iterations of
+        AutoAttack's APGD on the cross-entropy; `step_size` is then unused);
       - `robustness/wall_time_minutes` since training began (counting the
         time before a resume: `previous_seconds`), and
         `robustness/iterations` (optimizer steps; free training counts replays);
@@ -35,6 +39,7 @@ class RobustnessEvaluation(keras.callbacks.Callback):
         epsilon: float,
         step_size: float,
         steps: int,
+        attack: str = "pgd",
         every: int = 1,
         num_images: int = 8,
         seed: int = 0,
@@ -44,6 +49,9 @@ class RobustnessEvaluation(keras.callbacks.Callback):
         super().__init__()
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
+        if attack not in EVAL_ATTACKS:
+            raise ValueError(f"attack must be one of {EVAL_ATTACKS}, got {attack!r}")
+        self.attack = attack
         self.dataset = dataset
         self.epsilon, self.step_size, self.steps = epsilon, step_size, steps
         self.every = every
@@ -57,7 +65,12 @@ class RobustnessEvaluation(keras.callbacks.Callback):
 
     @property
     def pgd_name(self):
-        return f"pgd{self.steps}"
+        """The attack's short name: pgd20, or apgd_ce100."""
+        return f"{self.attack.replace('-', '_')}{self.steps}"
+
+    @property
+    def attack_label(self):
+        return f"{'PGD' if self.attack == 'pgd' else 'APGD-CE'}-{self.steps}"
 
     def on_train_begin(self, logs=None):
         self._start = time.time() - self.previous_seconds
@@ -83,26 +96,28 @@ class RobustnessEvaluation(keras.callbacks.Callback):
         if self.verbose:
             print(
                 f"\nepoch {epoch + 1}: clean {results['clean_accuracy']:.4f}, "
-                f"PGD-{self.steps} {results[self.pgd_name + '_accuracy']:.4f} "
+                f"{self.attack_label} {results[self.pgd_name + '_accuracy']:.4f} "
                 f"(ε={self.epsilon:.4g}), {minutes:.1f} min"
             )
 
     def evaluate(self) -> dict[str, float]:
         model = self.model
         clean = attacks.accuracy_under_attack(model, self.dataset, verbose=False)
-        robust = attacks.accuracy_under_attack(
-            model, self.dataset, attacks.pgd, verbose=False, **self._pgd_kwargs()
-        )
+        attack, kwargs = self._attack()
+        robust = attacks.accuracy_under_attack(model, self.dataset, attack, verbose=False, **kwargs)
         return {"clean_accuracy": clean, f"{self.pgd_name}_accuracy": robust}
 
-    def _pgd_kwargs(self):
-        return dict(
+    def _attack(self):
+        if self.attack == "apgd-ce":
+            return attacks.apgd, dict(epsilon=self.epsilon, steps=self.steps, seed=self.seed)
+        return attacks.pgd, dict(
             epsilon=self.epsilon, step_size=self.step_size, steps=self.steps, seed=self.seed
         )
 
     def _write_images(self):
         images, labels = next(iter(self.dataset.unbatch().batch(self.num_images)))
-        adversarial = attacks.pgd(self.model, images, labels, **self._pgd_kwargs())
+        attack, kwargs = self._attack()
+        adversarial = attack(self.model, images, labels, **kwargs)
         # One row per example: clean | adversarial | perturbation (rescaled).
         delta = (adversarial - images) / (2 * self.epsilon) + 0.5 if self.epsilon else images * 0
         grid = tf.concat([images, adversarial, tf.clip_by_value(delta, 0, 1)], axis=2)
@@ -111,7 +126,7 @@ class RobustnessEvaluation(keras.callbacks.Callback):
             grid,
             max_outputs=self.num_images,
             description=(
-                f"clean | PGD-{self.steps} (ε={self.epsilon:.4g}) | perturbation "
+                f"clean | {self.attack_label} (ε={self.epsilon:.4g}) | perturbation "
                 "(grey = 0). Predictions: "
                 + ", ".join(
                     f"{int(y)}→{int(p)}"

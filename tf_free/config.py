@@ -26,6 +26,7 @@ JIT_CHOICES = ("auto", "true", "false")
 DECAY_VARIABLES = ("kernels", "all")
 ATTACK_BN_MODES = ("train", "inference")
 DELTA_PROJECTIONS = ("valid_image", "epsilon_ball")
+EVAL_ATTACKS = ("pgd", "apgd-ce")
 # ε above this (0-255 units; 0.5 in [0, 1]) can erase any image: an error
 # unless --allow_large_epsilon.
 MAX_EPSILON = 127.5
@@ -76,6 +77,7 @@ class TrainConfig:
     overwrite: bool = False
     allow_large_epsilon: bool = False
     eval_every: int = 1
+    eval_attack: str = "pgd"
     eval_examples: int = 10000
     eval_pgd_steps: int = 20
     eval_pgd_step_size: float = 2.55
@@ -201,6 +203,7 @@ class TrainConfig:
                 _is_int(self.eval_every) and self.eval_every >= 1,
                 f"--eval_every must be >= 1 (passes), got {self.eval_every}",
             ),
+            one_of("eval_attack", self.eval_attack, EVAL_ATTACKS),
             (
                 _is_int(self.eval_examples) and self.eval_examples >= 1,
                 f"--eval_examples must be >= 1, got {self.eval_examples}",
@@ -290,6 +293,7 @@ RUNTIME_FIELDS = frozenset(
         "overwrite",
         "allow_large_epsilon",
         "eval_every",
+        "eval_attack",
         "eval_examples",
         "eval_pgd_steps",
         "eval_pgd_step_size",
@@ -306,6 +310,7 @@ LEGACY_DEFAULTS = {
     "lr_boundary_unit": "epochs",
     "weight_decay_vars": "keras_decoupled",
     "allow_large_epsilon": False,
+    "eval_attack": "pgd",
 }
 
 

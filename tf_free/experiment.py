@@ -92,8 +92,19 @@ def write_config(config: TrainConfig) -> None:
     os.replace(path + ".tmp", path)
 
 
-def check_model_dir_writable(model_dir: str) -> None:
-    """Raises ConfigError unless `model_dir` exists (or can be made) and takes files."""
+def check_model_dir_writable(model_dir: str, create: bool = True) -> None:
+    """Raises ConfigError unless `model_dir` exists (or can be made) and takes files.
+
+    With `create=False` it only checks that no file stands in the way, and
+    creates nothing.
+    """
+    ancestor = os.path.abspath(model_dir)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ConfigError(f"--model_dir {model_dir!r} is not writable: {ancestor} is a file")
+    if not create:
+        return
     try:
         os.makedirs(model_dir, exist_ok=True)
         probe = os.path.join(model_dir, f".write-test-{os.getpid()}")
@@ -299,9 +310,8 @@ def describe_plan(config: TrainConfig) -> str:
             else "(none)"
         ),
         f"epsilon      {eps:g}/255 = {eps / 255:.6g}",
-        f"evaluation   PGD-{config.eval_pgd_steps}, step {config.eval_pgd_step_size:g}/255 = "
-        f"{config.eval_pgd_step_size / 255:.6g}, random start, on {config.eval_examples:,} "
-        f"{info.eval_split} examples, every {config.eval_every} pass(es)",
+        f"evaluation   {_eval_attack(config)}, on {config.eval_examples:,} {info.eval_split} "
+        f"examples, every {config.eval_every} pass(es)",
     ]
     lines += [f"warning      {w}" for w in config.warnings()]
     return "\n".join(lines)
@@ -329,6 +339,13 @@ def _method(config: TrainConfig) -> str:
             f"random start, attack batch norm in {config.pgd_attack_bn} mode"
         )
     return "natural"
+
+
+def _eval_attack(config: TrainConfig) -> str:
+    if config.eval_attack == "apgd-ce":
+        return f"APGD-CE-{config.eval_pgd_steps} (step size adaptive, from 2ε)"
+    step = config.eval_pgd_step_size
+    return f"PGD-{config.eval_pgd_steps}, step {step:g}/255 = {step / 255:.6g}, random start"
 
 
 def _lr(config: TrainConfig, budget) -> str:
@@ -368,6 +385,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         info = data.dataset_info(config.dataset, config.data_dir)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    check_model_dir_writable(config.model_dir, create=False)
     target = export_dir(config)
     try:
         export.check_export_target(
@@ -493,6 +511,7 @@ def _train_and_evaluate(config, strategy, chief, info, target) -> dict:
             epsilon=epsilon,
             step_size=config.eval_pgd_step_size / 255.0,
             steps=config.eval_pgd_steps,
+            attack=config.eval_attack,
             every=config.eval_every,
             verbose=bool(config.verbose),
             previous_seconds=float(state.seconds),

@@ -184,6 +184,13 @@ flags.DEFINE_integer(
     "Evaluate robustness every N passes over the data (and at the end).",
     lower_bound=1,
 )
+flags.DEFINE_enum(
+    "eval_attack",
+    _DEFAULTS.eval_attack,
+    config_lib.EVAL_ATTACKS,
+    "The attack of the robustness evaluation: pgd (K steps of --eval_pgd_step_size, random "
+    "start) or apgd-ce (K iterations of AutoAttack's step-size-free APGD on cross-entropy).",
+)
 flags.DEFINE_integer(
     "eval_examples",
     _DEFAULTS.eval_examples,
@@ -191,7 +198,10 @@ flags.DEFINE_integer(
     lower_bound=1,
 )
 flags.DEFINE_integer(
-    "eval_pgd_steps", _DEFAULTS.eval_pgd_steps, "PGD steps of the evaluation attack.", lower_bound=1
+    "eval_pgd_steps",
+    _DEFAULTS.eval_pgd_steps,
+    "Steps (iterations) K of the evaluation attack, PGD-K or APGD-CE-K.",
+    lower_bound=1,
 )
 flags.DEFINE_float(
     "eval_pgd_step_size",
@@ -251,10 +261,11 @@ def main(argv):
     if "clean_accuracy" not in results:  # a multi-worker non-chief: the chief reports
         print(f"\nworker done: weights sha256 {results['weights_sha256']}")
         return
+    attack = config.eval_attack.replace("-", "_")
     print(
         f"\nclean accuracy {100 * results['clean_accuracy']:.2f}%, "
-        f"PGD-{config.eval_pgd_steps} accuracy "
-        f"{100 * results[f'pgd{config.eval_pgd_steps}_accuracy']:.2f}% "
+        f"{config.eval_attack.upper()}-{config.eval_pgd_steps} accuracy "
+        f"{100 * results[f'{attack}{config.eval_pgd_steps}_accuracy']:.2f}% "
         f"on {config.eval_examples} {config.dataset} test images "
         f"(ε={config.epsilon}/255), {results['train_minutes']:.1f} min of training\n"
         f"TensorBoard: tensorboard --logdir {results['log_dir']}\n"
