@@ -617,3 +617,112 @@ def test_early_stop_only_saves_work(model, data):
     fooled = lambda adv: np.argmax(model(adv), -1) != y[:16]  # noqa: E731
     np.testing.assert_array_equal(fooled(stopped), fooled(full))
     assert fooled(full).all()  # ε=0.5 fools this model everywhere, so early stop kicked in
+
+
+# 7. The clean image counts for fooling; float16 models with large margins.
+
+
+def test_misclassified_clean_image_counts_as_fooled():
+    # Label 0 at u = 0.5 is misclassified (class 1 wins within 1e-3 of 0.5), but
+    # every other point of the ball is classified right, with a margin so large
+    # that the loss gradient there is 0: PGD's iterates alone would call it robust.
+    def model(images):
+        u = tf.reshape(images, [-1])
+        return tf.stack([tf.zeros_like(u), 1.0 - 1e7 * tf.square(u - 0.5)], axis=-1)
+
+    x = np.array([0.5, 0.2], np.float32).reshape(2, 1, 1, 1)
+    y = np.zeros(2, np.int32)
+    assert np_fooled(model, x, y).tolist() == [True, False]
+    seen = []
+
+    def recording(images):
+        seen.append(np.asarray(images).ravel().copy())
+        return model(images)
+
+    adv = pgd(recording, x, y, epsilon=0.1, step_size=0.025, steps=10, seed=0)
+    iterates = np.stack(seen[1:])[:, 0]  # seen[0]: the clean pass; then start, steps, last
+    assert not np_fooled(model, iterates.reshape(-1, 1, 1, 1), np.zeros(len(iterates))).any()
+    np.testing.assert_array_equal(np_fooled(model, adv, y), [True, False])
+    np.testing.assert_array_equal(np.asarray(adv)[0], x[0])  # the clean image itself
+    for random_start in (True, False):
+        adv = pgd(model, x, y, epsilon=0.1, step_size=0.025, steps=3, random_start=random_start)
+        np.testing.assert_array_equal(np_fooled(model, adv, y), [True, False])
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(2)
+    robust = accuracy_under_attack(
+        model, ds, pgd, epsilon=0.1, step_size=0.025, steps=10, verbose=False
+    )
+    assert robust == 0.5
+
+
+def test_pgd_clean_candidate_keeps_a_stronger_fooling_iterate(model, data):
+    # Where the clean image already fools, a fooling iterate with a higher loss
+    # still replaces it (the selection rule is unchanged).
+    x, y = data
+    wrong = np_fooled(model, x, y)
+    assert 0 < wrong.sum() < len(y)
+    adv = np.asarray(pgd(model, x, y, epsilon=EPS, step_size=STEP, steps=5, seed=3))
+    assert np_fooled(model, adv, y)[wrong].all()
+    z_adv = np.asarray(model(adv), np.float64)
+    z_clean = np.asarray(model(x), np.float64)
+    moved = np.abs(adv - x).reshape(len(y), -1).max(-1) > 0
+    assert np.all(np_ce(y, z_adv)[wrong & moved] > np_ce(y, z_clean)[wrong & moved])
+    assert (wrong & moved).any()
+
+
+@pytest.fixture
+def float16_policy():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def large_margin_net(slope: float = 4.0):
+    """Dense on 4x4 images: z_0 - z_1 = 2·slope·(Σx - 8) + 20: 20 at x = 0.5."""
+    net = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(4)])
+    kernel = np.zeros((16, 4), np.float32)
+    kernel[:, 0], kernel[:, 1] = slope, -slope
+    b = 10.0 - 8 * slope
+    net.layers[-1].set_weights([kernel, np.array([b, -b, -30.0, -30.0], np.float32)])
+    return net
+
+
+@pytest.mark.parametrize("slope,epsilon", [(4.0, 0.3), (100.0, 0.05)], ids=["margin", "overflow"])
+def test_attacks_flip_large_margin_under_mixed_float16(float16_policy, tmp_path, slope, epsilon):
+    from tf_free.attacks import cross_entropy_loss
+    from tf_free.export import export_saved_model, load_logits_fn
+
+    x = np.full((2, 4, 4, 1), 0.5, np.float32)
+    y = np.zeros(2, np.int32)
+    kwargs = dict(epsilon=epsilon, step_size=epsilon / 3, steps=5)
+    keras.mixed_precision.set_global_policy("float32")
+    net32 = large_margin_net(slope)
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    net16 = large_margin_net(slope)
+    assert net16(x).dtype == tf.float16 and net32(x).dtype == tf.float32
+    z = np.asarray(net16(x), np.float32)
+    assert z[0, 0] - z[0, 1] == pytest.approx(20.0, abs=0.1)
+    # Premise: PGD flips the float32 model, and the float16 model's unscaled
+    # input gradient is exactly 0 (softmax tails of e^-20 underflow in float16).
+    assert np_fooled(net32, pgd(net32, x, y, **kwargs), y).all()
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        total = tf.reduce_sum(cross_entropy_loss(y, net16(xt)))
+    assert not np.any(np.asarray(tape.gradient(total, xt)))
+
+    assert np_fooled(net16, pgd(net16, x, y, **kwargs), y).all()
+    assert np_fooled(net16, pgd(net16, x, y, loss="cw", **kwargs), y).all()
+    assert np_fooled(net16, fgsm(net16, x, y, epsilon=epsilon), y).all()
+    # The same through an exported SavedModel of the float16 model.
+    logits_fn = load_logits_fn(export_saved_model(net16, str(tmp_path / "export")))
+    assert logits_fn(x).dtype == tf.float16
+    adv = pgd(logits_fn, x, y, **kwargs)
+    assert np.abs(np.asarray(adv) - x).max() <= epsilon + 1e-6
+    assert np_fooled(net16, adv, y).all()
+    # Loss values stay unscaled (APGD compares them), and the gradient is finite
+    # (for slope 100, 2**10 · 200 overflows float16: the scale must back off).
+    from tf_free.attacks.core import _logits_loss_grad
+
+    _, losses, grad = _logits_loss_grad(net16, xt, tf.constant(y), cw_loss)
+    np.testing.assert_allclose(np.asarray(losses), np_cw(y, z), atol=0.05)
+    assert np.all(np.isfinite(np.asarray(grad))) and np.all(np.asarray(grad) < 0)

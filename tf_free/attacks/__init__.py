@@ -10,8 +10,19 @@ budget in the units of the images. It returns adversarial images in the
   One PGD serves K-PGD training, evaluation and the figures.
 - `fab`: `fab_t`, targeted L∞ FAB (minimal-norm boundary attack), as in AutoAttack.
 - `square_attack`: `square`, the L∞ Square Attack (gradient-free random search).
+- `adaptive_pgd`: `apgd` (APGD-CE/DLR) and `apgd_t` (APGD-T), the step-size-free
+  PGD of AutoAttack, with the DLR losses and the checkpoint schedule.
+- `ensemble`: `autoattack` (APGD-CE, APGD-T, FAB-T, Square; worst case per
+  example) and the dataset drivers `autoattack_accuracy` and `attack_accuracy`.
 """
 
+from tf_free.attacks.adaptive_pgd import (
+    apgd,
+    apgd_checkpoints,
+    apgd_t,
+    dlr_loss,
+    targeted_dlr_loss,
+)
 from tf_free.attacks.core import (
     LOSSES,
     accuracy_under_attack,
@@ -20,6 +31,12 @@ from tf_free.attacks.core import (
     fgsm,
     gradient_sign,
     pgd,
+)
+from tf_free.attacks.ensemble import (
+    attack_accuracy,
+    autoattack,
+    autoattack_accuracy,
+    get_attack,
 )
 from tf_free.attacks.fab import fab_t
 from tf_free.attacks.square_attack import square
@@ -34,4 +51,13 @@ __all__ = [
     "pgd",
     "fab_t",
     "square",
+    "apgd",
+    "apgd_checkpoints",
+    "apgd_t",
+    "dlr_loss",
+    "targeted_dlr_loss",
+    "attack_accuracy",
+    "autoattack",
+    "autoattack_accuracy",
+    "get_attack",
 ]

@@ -76,14 +76,96 @@ def gradient_sign(grad: tf.Tensor) -> tf.Tensor:
     return tf.where(tf.math.is_finite(grad), tf.sign(grad), tf.zeros_like(grad))
 
 
+# The upstream gradient (∂loss/∂logits) is rescaled per example so that its
+# largest entry lies in [2**10, 2**11): small enough for float16 (max 65504) yet
+# far above its smallest normal number (6e-5). A power of two is exact in binary
+# floating point, so in float32 the input gradient is the unscaled one times 2**k,
+# bit for bit: its sign, all that FGSM, PGD and APGD use, does not change.
+_UPSTREAM_EXPONENT = 10
+# Where the input gradient still overflows (a float16 model with a large
+# Lipschitz constant), the scale is divided by 2**5 and the pass repeated, as a
+# dynamic loss scale backs off; after 4 tries a non-finite gradient is left to
+# `gradient_sign`, which zeroes it.
+_BACKOFF_EXPONENT = 5
+_MAX_BACKOFFS = 4
+
+
+def _pow2(exponent: tf.Tensor) -> tf.Tensor:
+    """2**exponent (float32, exact) for int32 exponents, clipped to the normal range."""
+    exponent = tf.clip_by_value(exponent, -126, 127)
+    return tf.bitcast(tf.bitwise.left_shift(exponent + 127, 23), tf.float32)
+
+
+def _exponent(values: tf.Tensor) -> tf.Tensor:
+    """floor(log2(values)) (int32) for positive normal float32 values, read from their bits."""
+    bits = tf.bitcast(tf.cast(values, tf.float32), tf.int32)
+    return tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, 23), 0xFF) - 127
+
+
+def _batch_any(mask: tf.Tensor) -> tf.Tensor:
+    """Per-example any() over all but the first axis."""
+    return tf.reduce_any(tf.reshape(mask, [tf.shape(mask)[0], -1]), axis=-1)
+
+
+@tf.autograph.experimental.do_not_convert
 def _logits_loss_grad(model, images, labels, loss_fn):
-    """One forward and one backward pass: logits, per-example loss, ∇ₓ loss."""
-    with tf.GradientTape() as tape:
-        tape.watch(images)
-        logits = model(images)
-        losses = loss_fn(labels, logits)
-        total = tf.reduce_sum(losses)
-    return logits, losses, tape.gradient(total, images)
+    """One forward and one backward pass: logits, per-example loss, ∇ₓ loss (rescaled).
+
+    The loss is computed in float32 from the logits and returned unscaled (APGD
+    compares loss values). The input gradient is ∇ₓ loss_i times a positive power of
+    two per example: its sign and direction are exact, its scale is not. Why: under
+    `mixed_float16` the model's backward pass runs in float16, where an unscaled
+    ∂loss/∂logits underflows to 0 once the logit margin exceeds ~17 (softmax tails
+    below 6e-8), so the attack would never move and a fragile example would count as
+    robust. Here ∂loss/∂logits is taken in float32, normalised per example to a
+    largest entry in [2**10, 2**11), and fed to the model's backward pass (a loss
+    scale that is never too small); where the input gradient overflows, the scale
+    backs off and the pass is repeated for those examples.
+    """
+    labels = tf.convert_to_tensor(labels)
+
+    def attempt(backoff):
+        # backoff: int32 [N], how many times each example's scale was divided.
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            logits = model(images)
+        logits32 = tf.cast(logits, tf.float32)
+        with tf.GradientTape() as inner:
+            inner.watch(logits32)
+            losses = loss_fn(labels, logits32)
+            total = tf.reduce_sum(losses)
+        upstream = inner.gradient(total, logits32)
+        flat = tf.reshape(tf.abs(upstream), [tf.shape(upstream)[0], -1])
+        largest = tf.reduce_max(flat, axis=-1)
+        usable = tf.math.is_finite(largest) & (largest > 0)
+        exponent = _UPSTREAM_EXPONENT - _exponent(tf.where(usable, largest, 1.0))
+        exponent -= _BACKOFF_EXPONENT * backoff
+        scale = tf.reshape(_pow2(exponent), [-1] + [1] * (len(upstream.shape) - 1))
+        upstream = tf.cast(upstream * scale, logits.dtype)
+        grad = tape.gradient(logits, images, output_gradients=upstream)
+        if grad is None:  # the logits do not depend on the images
+            grad = tf.zeros_like(images)
+        return logits, losses, grad
+
+    n = tf.shape(images)[0]
+    logits, losses, grad = attempt(tf.zeros([n], tf.int32))
+
+    def still_bad(backoff, grad):
+        return _batch_any(~tf.math.is_finite(grad)) & (backoff < _MAX_BACKOFFS)
+
+    def back_off(backoff, grad):
+        bad = still_bad(backoff, grad)
+        backoff = tf.where(bad, backoff + 1, backoff)
+        _, _, retry = attempt(backoff)
+        return backoff, _select(bad, retry, grad)
+
+    # Rare (float16 models only): the loop body runs only when a gradient overflowed.
+    _, grad = tf.while_loop(
+        lambda backoff, grad: tf.reduce_any(still_bad(backoff, grad)),
+        back_off,
+        (tf.zeros([n], tf.int32), grad),
+    )
+    return logits, losses, grad
 
 
 def _project(adv, images, epsilon, clip_min, clip_max):
@@ -160,10 +242,14 @@ def pgd(
     in [-ε, ε]) and takes `steps` signed-gradient steps of `step_size`, each
     projected back onto the ε-ball and the valid pixel range. Per example, it
     returns the iterate (over all steps and restarts) that fools the model, or
-    if none does, the one with the highest loss. So adding steps or restarts
-    never raises robust accuracy, and steps=1, step_size=ε without a random
-    start is exactly `fgsm`. A large-ε BIM (the paper's Fig. 2) is this
-    function with `random_start=False`.
+    if none does, the one with the highest loss. The clean image is a candidate
+    too, for fooling only: an example the model already gets wrong stays fooled
+    (returned as is, unless an iterate also fools it with a higher loss), as in
+    AutoAttack, even if every iterate is classified right. So adding steps or
+    restarts never raises robust accuracy, robust accuracy never exceeds clean
+    accuracy, and steps=1, step_size=ε without a random start is exactly `fgsm`
+    on every correctly classified example. A large-ε BIM (the paper's Fig. 2)
+    is this function with `random_start=False`.
 
     Args:
       model: callable mapping images to logits.
@@ -192,11 +278,13 @@ def pgd(
     labels = tf.convert_to_tensor(labels)
     seed = tf.cast(seed, tf.int64)
 
-    def keep_best(best, adv, logits, losses, eligible=True):
-        # Keeps `adv` per example where it beats the best so far.
+    def keep_best(best, adv, logits, losses, eligible=True, fooling_only=False):
+        # Keeps `adv` per example where it beats the best so far; with
+        # `fooling_only`, only where it fools.
         best_adv, best_fooled, best_losses = best
         fooled = _fooled(logits, labels)
         better = _is_better(fooled, losses, best_fooled, best_losses) & eligible
+        better = better & (fooled | tf.logical_not(fooling_only))
         return (
             _select(better, adv, best_adv),
             tf.where(better, fooled, best_fooled),
@@ -205,6 +293,11 @@ def pgd(
 
     n = tf.shape(images)[0]
     best = (images, tf.zeros([n], tf.bool), tf.fill([n], -float("inf")))
+    if random_start:
+        # One more forward pass, on the clean images (without a random start,
+        # step 0 of every restart evaluates them anyway).
+        logits = model(images)
+        best = keep_best(best, images, logits, loss_fn(labels, logits), fooling_only=True)
     for restart in range(int(restarts)):
         adv = images
         if random_start:
@@ -215,9 +308,13 @@ def pgd(
 
         def step(t, adv, best):
             logits, losses, grad = _logits_loss_grad(model, adv, labels, loss_fn)
-            # Each iterate is judged by the pass that also gives its gradient;
-            # the starting point is not a candidate, so PGD-1 is FGSM.
-            best = keep_best(best, adv, logits, losses, eligible=t > 0)
+            # Each iterate is judged by the pass that also gives its gradient.
+            # The starting point is no candidate (so PGD-1 is FGSM), except a
+            # clean image (no random start) for fooling.
+            if random_start:
+                best = keep_best(best, adv, logits, losses, eligible=t > 0)
+            else:
+                best = keep_best(best, adv, logits, losses, fooling_only=t == 0)
             adv = _project(
                 adv + step_size * gradient_sign(grad), images, epsilon, clip_min, clip_max
             )
