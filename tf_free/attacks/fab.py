@@ -8,7 +8,8 @@ hyperplane (within the valid box), and moves to a convex combination of the two
 projections, slightly past the boundary. Once a point is adversarial it is
 pulled back towards the clean image, so the norm shrinks over the steps.
 
-The port follows AutoAttack's PyTorch code (github.com/fra31/auto-attack):
+The port follows AutoAttack's PyTorch code (github.com/fra31/auto-attack at
+commit a392200; line numbers below refer to it):
 `fab_projections.py` `projection_linf` for the projection, `fab_base.py`
 `attack_single_run` (with `is_targeted=True`) and `perturb` (`targeted=True`)
 for the attack, and `fab_pt.py` `get_diff_logits_grads_batch_targeted` for the
@@ -36,7 +37,7 @@ def _project_linf_hyperplane(points, w, b, clip_min=0.0, clip_max=1.0):
     w = 0 are left unchanged (d = 0).
 
     Port of `projection_linf` in AutoAttack's `autoattack/fab_projections.py`
-    (lines 7-60), batched the same way: with λ the L∞ radius, w·d(λ) is
+    (lines 7-59), batched the same way: with λ the L∞ radius, w·d(λ) is
     piecewise linear in λ with breakpoints at each coordinate's distance p to
     the box face it moves towards; a sort by p and cumulative sums give w·d at
     every breakpoint, and a bisection over the sorted breakpoints (run on every
@@ -142,7 +143,7 @@ def _fab_single_run(
     """One targeted FAB run; per example, the first adversarial within ε.
 
     Follows `attack_single_run` in AutoAttack's `autoattack/fab_base.py`
-    (lines 96-271, `norm='Linf'`, `is_targeted=True`). The reference keeps the
+    (lines 83-263, `norm='Linf'`, `is_targeted=True`). The reference keeps the
     smallest adversarial over all steps and judges it against ε afterwards;
     here an example leaves the batch as soon as it has an adversarial within ε
     (the same examples end up fooled, as the examples' runs are independent),
@@ -165,7 +166,7 @@ def _fab_single_run(
         y_a = tf.gather(labels, pos)
         t_a = tf.gather(targets, pos)
         n_a = tf.shape(pos)[0]
-        # get_diff_logits_grads_batch_targeted (fab_pt.py lines 96-109):
+        # get_diff_logits_grads_batch_targeted (fab_pt.py lines 100-114):
         # f = z_target - z_label and its input gradient.
         with tf.GradientTape() as tape:
             tape.watch(x1)
@@ -175,6 +176,10 @@ def _fab_single_run(
         dg = tape.gradient(total, x1)
         if dg is None:  # no path from the input to the logits: nothing to follow
             dg = tf.zeros_like(x1)
+        # A non-finite gradient or logit (float16 overflow) would turn the
+        # iterate into NaNs, which some models reject: such entries count as 0.
+        dg = tf.where(tf.math.is_finite(dg), dg, 0.0)
+        df = tf.where(tf.math.is_finite(df), df, 0.0)
         w = tf.reshape(dg, [n_a, flat_dim])
         x1_flat = tf.reshape(x1, [n_a, flat_dim])
         x0_flat = tf.reshape(x0_a, [n_a, flat_dim])
@@ -258,8 +263,8 @@ def _fab_t_graph(
     seed = tf.cast(seed, tf.int64)
 
     def run(k, fooled, adv):
-        # As `perturb` (fab_base.py lines 320-345): for each target class, then
-        # each restart, attack the examples not fooled so far. One
+        # As `perturb` (fab_base.py lines 265-329, targeted branch): for each
+        # target class, then each restart, attack the examples not fooled so far. One
         # tf.while_loop over the runs, so the graph holds a single FAB run.
         target = 1 + k // restarts
         index = tf.where(~fooled)[:, 0]

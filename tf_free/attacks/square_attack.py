@@ -9,7 +9,7 @@ gradients, which is why AutoAttack runs it last.
 
 The port follows AutoAttack's `autoattack/square.py` (`SquareAttack`, L∞
 branch of `attack_single_run`, `p_selection`, `perturb`) at
-github.com/fra31/auto-attack.
+github.com/fra31/auto-attack, commit a392200 (line numbers below refer to it).
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from tf_free.attacks.core import _check_budget, _fooled, _is_int, cw_loss
 from tf_free.attacks.fab import _unless_empty
 
 # Query counts (on a 10,000-query scale) after which p halves: square.py
-# `p_selection` (lines 200-226).
+# `p_selection` (lines 192-219).
 _P_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
 def _p_selection(query, queries, p_init, rescale=True):
     """Fraction p of the image that the square covers at query `query` (0-based).
 
-    `p_selection` of AutoAttack's square.py (lines 200-226): p_init, halved
+    `p_selection` of AutoAttack's square.py (lines 192-219): p_init, halved
     after 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 queries. With
     `rescale` (the reference's `resc_schedule=True`, and the paper's code),
     these counts are on a 10,000-query scale: query i counts as
@@ -71,7 +71,7 @@ def _square_single_run(
 ):
     """One Square Attack run: 1 + `queries` forward passes at most.
 
-    L∞ branch of `attack_single_run` in AutoAttack's square.py (lines 228-311).
+    L∞ branch of `attack_single_run` in AutoAttack's square.py (lines 233-304).
     Each query evaluates only the examples not fooled yet (the reference's
     idx_to_fool); they leave the batch once fooled.
 
@@ -186,7 +186,7 @@ def _square_graph(
     seed = tf.cast(seed, tf.int64)
 
     def run(restart, fooled, adv, best_margin):
-        # As `perturb` (square.py lines 613-640): each restart attacks the
+        # As `perturb` (square.py lines 549-614): each restart attacks the
         # examples not fooled so far.
         index = tf.where(~fooled)[:, 0]
         found, x_adv, margin = _square_single_run(
