@@ -211,8 +211,7 @@ def test_pgd_model_matches_handwritten_alg1():
     grads = tape.gradient(loss, base.trainable_weights)
     for w, g in zip(base.trainable_weights, grads):
         w.assign_sub(LR * g)
-    # pgd keeps, per example, the strongest iterate; on this untrained model
-    # the loss rises monotonically along the path, so that is the last one.
+    # The training attack is pgd(select="last"): the K-th iterate, as Madry's.
     for got, want in zip(model.get_weights(), base.get_weights()):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 

@@ -278,6 +278,11 @@ class PGDAdversarialModel(_AdversarialModel):
     backward passes, weights frozen) find x_adv, then one forward/backward
     pass on x_adv updates the weights. About K+1 times natural training's cost.
 
+    The attack is `tf_free.attacks.pgd(select="last")`: a random start, then
+    exactly K signed-gradient steps, and the weights are trained on the K-th
+    iterate, as in Madry et al.'s code (MadryLab/cifar10_challenge
+    `pgd_attack.py` L43-61, `LinfPGDAttack.perturb`, called by `train.py` L103).
+
     `attack_bn` is the mode of the K attack passes:
     - "train" (default), as the official codes: batch norm normalises with the
       batch's own statistics, and each attack pass also moves the moving
@@ -285,8 +290,7 @@ class PGDAdversarialModel(_AdversarialModel):
       in Madry et al.'s TF code (`tf.contrib.layers.batch_norm(...,
       updates_collections=None, is_training=True)`, ashafahi/free_adv_train
       `free_model.py` L116-117, the same model code) and in
-      locuslab/fast_adversarial `CIFAR10/train_pgd.py` (`model.train()`, L72,
-      around the attack of L93-112);
+      locuslab/fast_adversarial `CIFAR10/train_pgd.py` (`model.train()`, L72);
     - "inference": the attack sees the moving averages and changes nothing
       (a weaker adversary during training; tf_free's behaviour before 0.2).
     Models without batch norm (the small CNN) train the same either way.
@@ -345,9 +349,10 @@ class PGDAdversarialModel(_AdversarialModel):
             clip_min=self.clip_min,
             clip_max=self.clip_max,
             seed=self.optimizer.iterations,
-            # Every step on every example: an early stop would make x_adv
-            # depend on which examples share the (per-replica) batch.
-            early_stop=False,
+            # The K-th iterate after exactly K passes, as Madry et al.'s training
+            # attack: no pass on the clean or final images, no early stop (which
+            # would make x_adv depend on which examples share the batch).
+            select="last",
         )
         x_adv = tf.stop_gradient(x_adv)
         with tf.GradientTape() as tape:

@@ -235,6 +235,7 @@ def pgd(
     clip_max: float = 1.0,
     seed=0,
     early_stop: bool = True,
+    select: str = "best",
 ) -> tf.Tensor:
     """L∞ projected gradient descent (Madry et al.), with restarts.
 
@@ -268,6 +269,12 @@ def pgd(
       early_stop: stop once every example of the batch is fooled (accuracy
         cannot change after that); False takes every step, as for pictures of
         a full BIM (Fig. 2).
+      select: "best" (evaluation): the strongest iterate per example, as
+        above. "last" (K-PGD training): the K-th iterate, after exactly K
+        forward and backward passes and no other model call, as the attack
+        of Madry et al.'s training (`LinfPGDAttack.perturb` in
+        MadryLab/cifar10_challenge `pgd_attack.py` L43-61, the baseline of the
+        paper's Table 1); one restart, every step.
 
     Returns:
       The adversarial images, same shape as `images`.
@@ -277,6 +284,30 @@ def pgd(
     images = tf.convert_to_tensor(images, tf.float32)
     labels = tf.convert_to_tensor(labels)
     seed = tf.cast(seed, tf.int64)
+
+    def start(restart):
+        if not random_start:
+            return images
+        noise = tf.random.stateless_uniform(
+            tf.shape(images), seed=tf.stack([seed, restart]), minval=-epsilon, maxval=epsilon
+        )
+        return _project(images + noise, images, epsilon, clip_min, clip_max)
+
+    def ascend(adv, grad):
+        return _project(adv + step_size * gradient_sign(grad), images, epsilon, clip_min, clip_max)
+
+    if select == "last":
+        if restarts != 1:
+            raise ValueError(f"select='last' takes one restart, got {restarts}")
+
+        def plain_step(t, adv):
+            _, _, grad = _logits_loss_grad(model, adv, labels, loss_fn)
+            return t + 1, ascend(adv, grad)
+
+        _, adv = tf.while_loop(lambda t, adv: t < steps, plain_step, (tf.constant(0), start(0)))
+        return adv
+    if select != "best":
+        raise ValueError(f"select must be 'best' or 'last', got {select!r}")
 
     def keep_best(best, adv, logits, losses, eligible=True, fooling_only=False):
         # Keeps `adv` per example where it beats the best so far; with
@@ -299,12 +330,7 @@ def pgd(
         logits = model(images)
         best = keep_best(best, images, logits, loss_fn(labels, logits), fooling_only=True)
     for restart in range(int(restarts)):
-        adv = images
-        if random_start:
-            noise = tf.random.stateless_uniform(
-                tf.shape(images), seed=tf.stack([seed, restart]), minval=-epsilon, maxval=epsilon
-            )
-            adv = _project(images + noise, images, epsilon, clip_min, clip_max)
+        adv = start(restart)
 
         def step(t, adv, best):
             logits, losses, grad = _logits_loss_grad(model, adv, labels, loss_fn)
@@ -315,10 +341,7 @@ def pgd(
                 best = keep_best(best, adv, logits, losses, eligible=t > 0)
             else:
                 best = keep_best(best, adv, logits, losses, fooling_only=t == 0)
-            adv = _project(
-                adv + step_size * gradient_sign(grad), images, epsilon, clip_min, clip_max
-            )
-            return t + 1, adv, best
+            return t + 1, ascend(adv, grad), best
 
         # tf.while_loop, not a Python loop: steps may be 100, and Keras runs
         # train_step unconverted by AutoGraph.
