@@ -27,7 +27,6 @@ from tf_free.attacks.core import (
     _is_better,
     _is_int,
     _logits_loss_grad,
-    _project,
     _select,
     cross_entropy_loss,
     gradient_sign,
@@ -160,6 +159,14 @@ def _apgd_run(model, images, labels, *, loss_fn, epsilon, steps, clip_min, clip_
     t = t / (tf.reduce_max(tf.abs(t)) + 1e-12)
     x_adv = tf.clip_by_value(images + epsilon * t[None], clip_min, clip_max)
 
+    # The ε-ball within the box, once: clipping to it equals clipping to the ball,
+    # then to the box (L330-L334), and saves 4 of 6 ops per projection.
+    lower = tf.maximum(images - epsilon, clip_min)
+    upper = tf.minimum(images + epsilon, clip_max)
+
+    def project(x):
+        return tf.minimum(tf.maximum(x, lower), upper)
+
     def evaluate(x):
         logits, losses, grad = _logits_loss_grad(model, x, labels, loss_fn)
         return _fooled(logits, labels), losses, grad
@@ -188,14 +195,8 @@ def _apgd_run(model, images, labels, *, loss_fn, epsilon, steps, clip_min, clip_
         size = tf.reshape(step_size, [-1] + [1] * (len(images.shape) - 1))
         # L326-L334: no momentum at the first step, then 0.75.
         alpha = tf.where(i > 0, MOMENTUM, 1.0)
-        z = _project(x_adv + size * gradient_sign(grad), images, epsilon, clip_min, clip_max)
-        x_new = _project(
-            x_adv + alpha * (z - x_adv) + (1.0 - alpha) * (x_adv - x_old),
-            images,
-            epsilon,
-            clip_min,
-            clip_max,
-        )
+        z = project(x_adv + size * gradient_sign(grad))
+        x_new = project(x_adv + alpha * (z - x_adv) + (1.0 - alpha) * (x_adv - x_old))
         fooled, losses, grad = evaluate(x_new)
         result_adv, result_fooled, result_losses = result
         better = _is_better(fooled, losses, result_fooled, result_losses)
@@ -303,6 +304,7 @@ def _call(attack, model, images, labels, **kwargs):
     return attack(model, images, labels, **kwargs)
 
 
+@_graph_only
 def apgd(
     model,
     images,
@@ -412,6 +414,7 @@ def _apgd_graph(model, images, labels, *, epsilon, steps, restarts, loss, clip_m
     return adv
 
 
+@_graph_only
 def apgd_t(
     model,
     images,
