@@ -426,7 +426,7 @@ def test_apgd_iterates_match_reference_transliteration(pixel, loss, restarts, ep
 def test_apgd_t_iterates_match_reference_transliteration(pixel, restarts, n_targets):
     model, x, y = pixel
     reference = reference_perturb(
-        model, x, y, eps=0.01, n_iter=50, loss=None, restarts=restarts, seed=5, n_targets=n_targets
+        model, x, y, eps=0.01, n_iter=30, loss=None, restarts=restarts, seed=5, n_targets=n_targets
     )
     adv, calls = run_eagerly_and_record(
         model,
@@ -435,7 +435,7 @@ def test_apgd_t_iterates_match_reference_transliteration(pixel, restarts, n_targ
             x,
             y,
             epsilon=0.01,
-            steps=50,
+            steps=30,
             n_target_classes=n_targets,
             restarts=restarts,
             seed=5,
@@ -471,6 +471,7 @@ def test_apgd_result_does_not_depend_on_the_batch(pixel):
 # 4. A small trained CNN: APGD vs PGD, the ensemble vs its attacks.
 
 EPS = 0.03  # the tiny CNN keeps about half of its accuracy
+ENSEMBLE_N = 200  # examples for the (slower) full ensemble
 
 
 def make_data(n: int, seed: int):
@@ -509,8 +510,8 @@ def cnn_data():
 
 @pytest.fixture(scope="module")
 def ensemble_run(cnn, cnn_data):
-    """Every attack alone and the standard ensemble, on the same data."""
-    x, y = cnn_data
+    """Every attack alone and the standard ensemble, on the same 200 examples."""
+    x, y = cnn_data[0][:ENSEMBLE_N], cnn_data[1][:ENSEMBLE_N]
     alone = {name: np.asarray(get_attack(name)(cnn, x, y, epsilon=EPS, seed=0)) for name in ATTACKS}
     ensemble = np.asarray(autoattack(cnn, x, y, epsilon=EPS, seed=0))
     return alone, ensemble
@@ -533,7 +534,7 @@ def test_apgd_at_least_as_strong_as_pgd20(cnn, cnn_data):
 
 
 def test_every_output_in_ball_and_box(cnn_data, ensemble_run):
-    x, _ = cnn_data
+    x = cnn_data[0][:ENSEMBLE_N]
     alone, ensemble = ensemble_run
     for name, adv in [*alone.items(), ("autoattack", ensemble)]:
         assert adv.shape == x.shape and adv.dtype == np.float32, name
@@ -542,7 +543,7 @@ def test_every_output_in_ball_and_box(cnn_data, ensemble_run):
 
 
 def test_autoattack_at_most_each_component(cnn, cnn_data, ensemble_run):
-    x, y = cnn_data
+    y = cnn_data[1][:ENSEMBLE_N]
     alone, ensemble = ensemble_run
     fooled = np_fooled(cnn, ensemble, y)
     for name, adv in alone.items():
