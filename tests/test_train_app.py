@@ -304,3 +304,32 @@ def test_evaluate_cli_rejects_unknown_attack(tiny_run):
     config, _ = tiny_run
     result = run_module("tf_free.evaluate", f"--model_dir={config.model_dir}", "--attacks=pgdX")
     assert result.returncode != 0 and "unknown attack 'pgdX'" in result.stderr
+
+
+def test_evaluate_cli_autoattack_columns(tiny_run, tmp_path):
+    config, _ = tiny_run
+    output = tmp_path / "eval.json"
+    result = run_module(
+        "tf_free.evaluate",
+        f"--model_dir={config.model_dir}",
+        "--attacks=natural,pgd3,autoattack,apgd-ce",
+        "--eval_examples=48",
+        "--step_size=10",
+        f"--output={output}",
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    header = (
+        "| Training | natural | pgd3 | autoattack[apgd-ce] | autoattack[apgd-t] "
+        "| autoattack[fab-t] | autoattack[square] | autoattack | apgd-ce |"
+    )
+    assert header in result.stdout, result.stdout[-2000:]
+    with open(output) as f:
+        entries = {e["attack"]: e for e in json.load(f)["evaluations"]}
+    ensemble = entries["autoattack"]
+    assert list(ensemble["after_each_attack"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert set(ensemble["seconds_per_attack"]) == set(ensemble["after_each_attack"])
+    after = list(ensemble["after_each_attack"].values())
+    assert after == sorted(after, reverse=True)  # the worst case only falls
+    assert ensemble["accuracy"] == after[-1] <= entries["natural"]["accuracy"]
+    assert entries["apgd-ce"]["accuracy"] <= entries["natural"]["accuracy"]

@@ -27,7 +27,9 @@ flags.DEFINE_list(
     "attacks",
     ["natural", "pgd20", "pgd100", "cw100", "pgd20x10"],
     "natural, pgdK (K-step PGD, cross-entropy), cwK (K-step PGD on the CW margin loss), "
-    "pgdKxR (R random restarts).",
+    "pgdKxR (R random restarts), autoattack (standard: APGD-CE, APGD-T, FAB-T, Square; the "
+    "worst case per example), autoattack-fast (APGD-CE, APGD-T), or one of AutoAttack's "
+    "attacks alone: apgd-ce, apgd-t, fab-t, square.",
 )
 flags.DEFINE_string("dataset", None, "TFDS dataset (default: the run's).")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir (default: the run's).")
@@ -167,12 +169,20 @@ def evaluate(f=FLAGS) -> dict:
         data_dir=data_dir,
         num_examples=f.eval_examples,
     )
+    details = {}
     accuracies = evaluation.evaluate_attacks(
-        logits_fn, test, names, epsilon=epsilon / 255.0, step_size=step_size / 255.0, seed=f.seed
+        logits_fn,
+        test,
+        names,
+        epsilon=epsilon / 255.0,
+        step_size=step_size / 255.0,
+        seed=f.seed,
+        details=details,
     )
     row = {"training": f.label or _label(run), **accuracies}
     # The table first: whatever happens to the file, the user has the numbers.
-    print(evaluation.to_markdown([row], names))
+    columns = list(accuracies)  # an ensemble adds a column after each of its attacks
+    print(evaluation.to_markdown([row], columns))
     output = f.output or os.path.join(f.model_dir or ".", "eval.json")
     examples = f.eval_examples or "all"
     entries = [
@@ -182,6 +192,15 @@ def evaluate(f=FLAGS) -> dict:
             "epsilon_255": epsilon,
             "step_size_255": step_size,
             "accuracy": accuracies[name] / 100.0,
+            "seconds": round(details[name]["seconds"], 2),
+            **(
+                {
+                    "after_each_attack": details[name]["autoattack"]["robust"],
+                    "seconds_per_attack": details[name]["autoattack"]["seconds"],
+                }
+                if "autoattack" in details[name]
+                else {}
+            ),
             "seed": f.seed,
             "evaluated": datetime.datetime.now().isoformat(timespec="seconds"),
         }

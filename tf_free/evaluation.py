@@ -8,24 +8,61 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from tf_free import attacks, run_lock
 from tf_free.config import ConfigError
 
+# AutoAttack (tf_free.attacks.ensemble) by name: the ensembles and each attack alone.
+AUTOATTACK_NAMES = ("autoattack", "autoattack-fast", *attacks.ensemble.ATTACKS)
 
-def evaluate_attacks(logits_fn, dataset, names, *, epsilon, step_size, seed=0, verbose=True):
-    """Accuracy (in %) under each named attack: natural, pgdK, cwK, pgdKxR.
 
-    `pgd20x10` is PGD-20 with 10 random restarts; `cw100` is PGD-100 on the
-    Carlini-Wagner margin loss (the paper's CW-100 column).
+def evaluate_attacks(
+    logits_fn, dataset, names, *, epsilon, step_size, seed=0, verbose=True, details=None
+):
+    """Accuracy (in %) under each named attack.
+
+    Names: natural; pgdK, cwK, pgdKxR (`pgd20x10` is PGD-20 with 10 random
+    restarts, `cw100` PGD-100 on the Carlini-Wagner margin, the paper's CW-100
+    column); autoattack (the standard version: APGD-CE, APGD-T, FAB-T, Square,
+    the worst case per example), autoattack-fast (APGD-CE, APGD-T), and each of
+    its attacks alone: apgd-ce, apgd-t, fab-t, square (AutoAttack's settings;
+    `step_size` is not used by them).
+
+    For an ensemble, the result also holds the robust accuracy after each of
+    its attacks, as `autoattack[apgd-ce]`, ... (cumulative, as AutoAttack
+    prints it). If `details` is a dict, it receives {name: {"seconds": ...}}
+    and, for AutoAttack names, {"autoattack": the `autoattack_accuracy` result}.
     """
     results = {}
     for name in names:
+        started = time.time()
         kwargs = attack_from_name(name)
-        if kwargs is None:
-            acc = attacks.accuracy_under_attack(logits_fn, dataset, verbose=verbose)
+        if name in AUTOATTACK_NAMES:
+            if verbose:
+                print(f"{name} (ε={epsilon:.4g}):", flush=True)
+            version = {"autoattack": "standard", "autoattack-fast": "fast"}.get(name)
+            outcome = attacks.autoattack_accuracy(
+                logits_fn,
+                dataset,
+                epsilon=epsilon,
+                version=version or "standard",
+                attacks=None if version else (name,),
+                verbose=verbose,
+                seed=seed,
+            )
+            results[name] = 100.0 * outcome["final"]
+            if version:
+                for attack, accuracy in outcome["robust"].items():
+                    results[f"{name}[{attack}]"] = 100.0 * accuracy
+            if details is not None:
+                details[name] = {"autoattack": outcome}
+        elif kwargs is None:
+            results[name] = 100.0 * attacks.accuracy_under_attack(
+                logits_fn, dataset, verbose=verbose
+            )
         else:
-            acc = attacks.accuracy_under_attack(
+            results[name] = 100.0 * attacks.accuracy_under_attack(
                 logits_fn,
                 dataset,
                 attacks.pgd,
@@ -35,18 +72,23 @@ def evaluate_attacks(logits_fn, dataset, names, *, epsilon, step_size, seed=0, v
                 seed=seed,
                 **kwargs,
             )
-        results[name] = 100.0 * acc
+        if details is not None:
+            details.setdefault(name, {})["seconds"] = time.time() - started
     return results
 
 
 def attack_from_name(name: str):
     """'natural' -> None; 'pgd20' / 'cw100' / 'pgd20x10' -> pgd keyword arguments.
 
+    AutoAttack names (`AUTOATTACK_NAMES`) give {} (they take no PGD settings).
+
     Raises:
       ConfigError: an unknown name, or zero steps or restarts.
     """
     if name == "natural":
         return None
+    if name in AUTOATTACK_NAMES:
+        return {}
     for prefix, loss in (("pgd", "ce"), ("cw", "cw")):
         if name.startswith(prefix):
             steps, _, restarts = name[len(prefix) :].partition("x")
@@ -57,7 +99,8 @@ def attack_from_name(name: str):
                     )
                 return {"steps": int(steps), "restarts": int(restarts or 1), "loss": loss}
     raise ConfigError(
-        f"unknown attack {name!r}: use natural, pgdK, cwK or pgdKxR (K steps, R restarts)"
+        f"unknown attack {name!r}: use natural, pgdK, cwK, pgdKxR (K steps, R restarts), "
+        f"or {', '.join(AUTOATTACK_NAMES)}"
     )
 
 
