@@ -18,6 +18,7 @@ FAB-T with 9 target classes and 1 restart, Square with 5000 queries
 
 from __future__ import annotations
 
+import functools
 import time
 
 import keras
@@ -38,68 +39,18 @@ SQUARE_QUERIES = 5000
 SQUARE_P_INIT = 0.8
 
 
-def _apgd_ce(model, images, labels, *, epsilon, clip_min=0.0, clip_max=1.0, seed=0):
-    return apgd(
-        model,
-        images,
-        labels,
-        epsilon=epsilon,
-        steps=STEPS,
-        restarts=1,
-        loss="ce",
-        clip_min=clip_min,
-        clip_max=clip_max,
-        seed=seed,
-    )
-
-
-def _apgd_t(model, images, labels, *, epsilon, clip_min=0.0, clip_max=1.0, seed=0):
-    return apgd_t(
-        model,
-        images,
-        labels,
-        epsilon=epsilon,
-        steps=STEPS,
-        n_target_classes=N_TARGET_CLASSES,  # capped at the number of classes - 1
-        restarts=1,
-        clip_min=clip_min,
-        clip_max=clip_max,
-        seed=seed,
-    )
-
-
-def _fab_t(model, images, labels, *, epsilon, clip_min=0.0, clip_max=1.0, seed=0):
-    return fab_t(
-        model,
-        images,
-        labels,
-        epsilon=epsilon,
-        steps=STEPS,
-        restarts=1,
-        n_target_classes=N_TARGET_CLASSES,  # capped at the number of classes - 1
-        clip_min=clip_min,
-        clip_max=clip_max,
-        seed=seed,
-    )
-
-
-def _square(model, images, labels, *, epsilon, clip_min=0.0, clip_max=1.0, seed=0):
-    return square(
-        model,
-        images,
-        labels,
-        epsilon=epsilon,
-        queries=SQUARE_QUERIES,
-        p_init=SQUARE_P_INIT,
-        restarts=1,
-        clip_min=clip_min,
-        clip_max=clip_max,
-        seed=seed,
-        rescale_schedule=False,  # AutoAttack builds its Square with resc_schedule=False (L43)
-    )
-
-
-_ATTACK_FNS = {"apgd-ce": _apgd_ce, "apgd-t": _apgd_t, "fab-t": _fab_t, "square": _square}
+# Each attack with AutoAttack's standard settings: (model, images, labels, *,
+# epsilon, clip_min=0., clip_max=1., seed=0) -> adversarial images.
+_ATTACK_FNS = {
+    "apgd-ce": functools.partial(apgd, steps=STEPS, restarts=1, loss="ce"),
+    # n_target_classes is capped at the number of classes - 1 (apgd_t, fab_t).
+    "apgd-t": functools.partial(apgd_t, steps=STEPS, n_target_classes=N_TARGET_CLASSES, restarts=1),
+    "fab-t": functools.partial(fab_t, steps=STEPS, n_target_classes=N_TARGET_CLASSES, restarts=1),
+    # AutoAttack builds its Square with resc_schedule=False (autoattack.py L43).
+    "square": functools.partial(
+        square, queries=SQUARE_QUERIES, p_init=SQUARE_P_INIT, restarts=1, rescale_schedule=False
+    ),
+}
 
 
 def get_attack(name: str):
