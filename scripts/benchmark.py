@@ -160,7 +160,7 @@ def build_strategy(name: str, replicas: int | None = None) -> tf.distribute.Stra
 
     Models are built and compiled in `strategy.scope()` and `fit` splits the global batch,
     so another strategy only needs a branch here (and, for multi-worker, a custom loop:
-    Keras 3's `fit` does not work under MultiWorkerMirroredStrategy, see TECH_NOTES.md).
+    Keras 3's `fit` does not work under MultiWorkerMirroredStrategy, keras-team/keras#20585).
     """
     if name == "mirrored":
         return tf.distribute.MirroredStrategy(replica_devices()[:replicas])

@@ -51,10 +51,10 @@ def evaluate_attacks(
                 verbose=verbose,
                 seed=seed,
             )
-            results[name] = 100.0 * outcome["final"]
-            if version:
+            if version:  # the robust accuracy after each attack, then the final one
                 for attack, accuracy in outcome["robust"].items():
                     results[f"{name}[{attack}]"] = 100.0 * accuracy
+            results[name] = 100.0 * outcome["final"]
             if details is not None:
                 details[name] = {"autoattack": outcome}
         elif kwargs is None:
