@@ -17,7 +17,6 @@ runs eagerly or inside a `tf.function` (dynamic batch sizes included).
 from __future__ import annotations
 
 import functools
-import numbers
 
 import tensorflow as tf
 
@@ -242,13 +241,6 @@ def _apgd_run(model, images, labels, *, loss_fn, epsilon, steps, clip_min, clip_
     return result[0]
 
 
-def _check_apgd(epsilon, steps, restarts, clip_min, clip_max):
-    _check_budget(epsilon, steps=steps, restarts=restarts)
-    if isinstance(clip_min, numbers.Real) and isinstance(clip_max, numbers.Real):
-        if not clip_min < clip_max:
-            raise ValueError(f"clip_min must be < clip_max, got {clip_min} and {clip_max}")
-
-
 @_graph_only
 def _attack_robust(model, images, labels, adv, fooled, score, run, score_fn):
     """Runs `run(x, y, index)` on the examples not yet fooled; keeps the worse case.
@@ -361,7 +353,7 @@ def apgd(
     Returns:
       The adversarial images (float32), same shape as `images`.
     """
-    _check_apgd(epsilon, steps, restarts, clip_min, clip_max)
+    _check_budget(epsilon, steps=steps, restarts=restarts, clip_min=clip_min, clip_max=clip_max)
     if loss not in APGD_LOSSES:
         raise ValueError(f"loss must be one of {APGD_LOSSES}, got {loss!r}")
     return _call(
@@ -455,7 +447,7 @@ def apgd_t(
     Returns:
       The adversarial images (float32), same shape as `images`.
     """
-    _check_apgd(epsilon, steps, restarts, clip_min, clip_max)
+    _check_budget(epsilon, steps=steps, restarts=restarts, clip_min=clip_min, clip_max=clip_max)
     if not (_is_int(n_target_classes) and n_target_classes >= 1):
         raise ValueError(f"n_target_classes must be an integer >= 1, got {n_target_classes!r}")
     return _call(

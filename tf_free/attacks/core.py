@@ -54,8 +54,11 @@ def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _check_budget(epsilon, step_size=None, steps=None, restarts=None):
+def _check_budget(epsilon, step_size=None, steps=None, restarts=None, clip_min=None, clip_max=None):
     # Python and numpy numbers are checked here; tensors are taken as given.
+    if isinstance(clip_min, numbers.Real) and isinstance(clip_max, numbers.Real):
+        if not clip_min < clip_max:
+            raise ValueError(f"clip_min must be < clip_max, got {clip_min} and {clip_max}")
     if isinstance(epsilon, numbers.Real) and not epsilon >= 0:
         raise ValueError(f"epsilon must be >= 0, got {epsilon}")
     if isinstance(step_size, numbers.Real) and not step_size >= 0:
@@ -279,7 +282,7 @@ def pgd(
     Returns:
       The adversarial images, same shape as `images`.
     """
-    _check_budget(epsilon, step_size, steps, restarts)
+    _check_budget(epsilon, step_size, steps, restarts, clip_min=clip_min, clip_max=clip_max)
     loss_fn = _loss_fn(loss)
     images = tf.convert_to_tensor(images, tf.float32)
     labels = tf.convert_to_tensor(labels)

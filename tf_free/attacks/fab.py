@@ -358,7 +358,7 @@ def fab_t(
       image where none was found (and where the clean image is already
       misclassified).
     """
-    _check_budget(epsilon, steps=steps, restarts=restarts)
+    _check_budget(epsilon, steps=steps, restarts=restarts, clip_min=clip_min, clip_max=clip_max)
     if not (_is_int(n_target_classes) and n_target_classes >= 1):
         raise ValueError(f"n_target_classes must be an integer >= 1, got {n_target_classes!r}")
     for name, value, ok in (
@@ -368,12 +368,6 @@ def fab_t(
     ):
         if not (isinstance(value, numbers.Real) and ok(value)):
             raise ValueError(f"{name} out of range, got {value!r}")
-    if (
-        isinstance(clip_min, numbers.Real)
-        and isinstance(clip_max, numbers.Real)
-        and not (clip_min < clip_max)
-    ):
-        raise ValueError(f"clip_min must be < clip_max, got {clip_min} and {clip_max}")
     images = tf.convert_to_tensor(images, tf.float32)
     labels = tf.cast(tf.convert_to_tensor(labels), tf.int32)
     if images.shape.rank is not None and images.shape.rank < 2:

@@ -267,17 +267,11 @@ def square(
       that fools the model, else the lowest-margin image found. Clean
       images that are already misclassified are returned unchanged.
     """
-    _check_budget(epsilon, restarts=restarts)
+    _check_budget(epsilon, restarts=restarts, clip_min=clip_min, clip_max=clip_max)
     if not (_is_int(queries) and queries >= 0):
         raise ValueError(f"queries must be an integer >= 0, got {queries!r}")
     if not (isinstance(p_init, numbers.Real) and 0 < p_init <= 1):
         raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
-    if (
-        isinstance(clip_min, numbers.Real)
-        and isinstance(clip_max, numbers.Real)
-        and not (clip_min < clip_max)
-    ):
-        raise ValueError(f"clip_min must be < clip_max, got {clip_min} and {clip_max}")
     images = tf.convert_to_tensor(images, tf.float32)
     labels = tf.cast(tf.convert_to_tensor(labels), tf.int32)
     if images.shape.rank != 4 or None in images.shape[1:]:
