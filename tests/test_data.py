@@ -16,6 +16,7 @@ from tensorflow_datasets.core.download import downloader as tfds_downloader
 from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
 from tf_free import data
+from tf_free.data import catalogue, fashion_mnist
 
 SEEDS = [[0, s] for s in range(40)]
 
@@ -565,12 +566,12 @@ def test_corrupt_local_fashion_files_stop_before_tfds(tmp_path):
 
 
 def test_tfds_still_checks_the_files_against_the_verified_checksums(tmp_path):
-    infos = data._verified_fashion_url_infos(data.FASHION_MNIST_DIR)
+    infos = fashion_mnist._verified_fashion_url_infos(data.FASHION_MNIST_DIR)
     url = next(u for u in infos if "t10k-labels" in u)
     infos[url] = dataclasses.replace(infos[url], checksum="0" * 64)  # as if the file changed
     data_dir = str(tmp_path / "tfds")
     with pytest.raises(NonMatchingChecksumError, match="wrong checksum"):
-        data._tfds_prepare_fashion_mnist(data_dir, data.FASHION_MNIST_DIR, infos)
+        fashion_mnist._tfds_prepare_fashion_mnist(data_dir, data.FASHION_MNIST_DIR, infos)
     assert not tfds.builder("fashion_mnist", data_dir=data_dir).is_prepared()
     assert not os.path.exists(data_dir)  # nor an empty fashion_mnist/ folder in it
 
@@ -578,7 +579,7 @@ def test_tfds_still_checks_the_files_against_the_verified_checksums(tmp_path):
 def test_fashion_preflight_reports_local_files_or_an_incomplete_folder(tmp_path, monkeypatch):
     source = tmp_path / "debian"
     shutil.copytree(data.FASHION_MNIST_DIR, source)
-    monkeypatch.setattr(data, "FASHION_MNIST_DIR", str(source))
+    monkeypatch.setattr(catalogue, "FASHION_MNIST_DIR", str(source))
     data_dir = str(tmp_path / "tfds")
     assert data.check_available("fashion_mnist", data_dir) == "local files"
     (source / "train-labels-idx1-ubyte.gz").unlink()
@@ -656,7 +657,7 @@ def test_unreachable_download_host_fails_at_once_and_creates_nothing(tmp_path, n
 
 
 def test_the_connection_check_targets_the_host_or_the_proxy_requests_would_use(no_proxy_env):
-    address = data._connect_address
+    address = catalogue._connect_address
     assert address("https://storage.googleapis.com/cvdf-datasets/mnist/x.gz") == (
         "storage.googleapis.com",
         443,
@@ -715,7 +716,7 @@ def test_failed_tfds_download_retries_briefly_and_removes_only_what_it_created(
 ):
     # A host that accepts connections and then fails: the check passes, TFDS
     # itself downloads (and fails, offline), with its retries capped.
-    monkeypatch.setattr(data, "_connect_address", lambda url: None)
+    monkeypatch.setattr(catalogue, "_connect_address", lambda url: None)
     data_dir = tmp_path / "tfds"
     data_dir.mkdir()
     before = _existing_tfds_tree(data_dir)
@@ -734,7 +735,7 @@ def test_failed_tfds_download_retries_briefly_and_removes_only_what_it_created(
     assert _snapshot(data_dir) == before
     # A data dir that did not exist (nor its parent) is gone again.
     missing = tmp_path / "new" / "tfds"
-    monkeypatch.setattr(data, "DOWNLOAD_RETRIES", 0)  # quicker, same folders
+    monkeypatch.setattr(catalogue, "DOWNLOAD_RETRIES", 0)  # quicker, same folders
     with pytest.raises(data.DataError):
         data.build_dataset("mnist", "train", batch_size=4, training=True, data_dir=str(missing))
     assert sorted(os.listdir(tmp_path)) == ["tfds"]
@@ -743,11 +744,11 @@ def test_failed_tfds_download_retries_briefly_and_removes_only_what_it_created(
 def test_fail_fast_downloads_nests_and_restores_tfds_globals():
     original = tfds_downloader._open_url
     assert tfds_downloader.MAX_RETRIES == 10
-    with data._fail_fast_downloads():
+    with catalogue._fail_fast_downloads():
         assert tfds_downloader.MAX_RETRIES == data.DOWNLOAD_RETRIES == 5
         checked = tfds_downloader._open_url
         assert checked is not original
-        with data._fail_fast_downloads():
+        with catalogue._fail_fast_downloads():
             assert tfds_downloader._open_url is checked and tfds_downloader.MAX_RETRIES == 5
         assert tfds_downloader._open_url is checked and tfds_downloader.MAX_RETRIES == 5
     assert tfds_downloader._open_url is original and tfds_downloader.MAX_RETRIES == 10
@@ -762,7 +763,7 @@ def test_cleanup_removes_the_datasets_new_paths_and_nothing_else(tmp_path):
     before = _snapshot(root)
     ours = "cvdf_mnist_t10kXYZ.gz"
     with pytest.raises(KeyError):
-        with data._removing_new_paths_on_failure(str(root), "mnist"):
+        with catalogue._removing_new_paths_on_failure(str(root), "mnist"):
             (root / "mnist" / "incomplete.AB12CD_3.0.1" / "x").mkdir(parents=True)
             (root / "downloads" / "mnist" / ours).write_bytes(b"1")
             (root / "downloads" / "mnist" / "a.tmp.123").mkdir()
@@ -777,7 +778,7 @@ def test_cleanup_removes_the_datasets_new_paths_and_nothing_else(tmp_path):
         "cifar10/3.0.2/": None,
     }
     # Success: nothing is removed.
-    with data._removing_new_paths_on_failure(str(root), "mnist"):
+    with catalogue._removing_new_paths_on_failure(str(root), "mnist"):
         (root / "mnist" / "3.0.1").mkdir()
     assert (root / "mnist" / "3.0.1").is_dir()
 
@@ -796,7 +797,7 @@ def test_failed_tfds_download_is_one_clear_line(tmp_path):
             raise ConnectionError("HTTPSConnectionPool(host='storage.googleapis.com')\nmore")
 
     with pytest.raises(data.DataError) as err:
-        data._prepare(OfflineBuilder(), "mnist")
+        catalogue._prepare(OfflineBuilder(), "mnist")
     assert str(err.value) == _offline_message(
         "mnist",
         "/data/mnist/3.0.1",
