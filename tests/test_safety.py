@@ -14,7 +14,7 @@ import time
 import pytest
 from test_train_app import ENV, REPO, TINY, run_module, tree_digest
 
-from tf_free import evaluation, experiment, export, run_lock
+from tf_free import evaluation, experiment, export, run_folder, run_lock
 
 TINY_FLAGS = [f"--{k}={v}" for k, v in TINY.items() if k not in ("verbose",)] + ["--verbose=0"]
 LOG_PREFIXES = ("I0000", "W0000", "I1", "W1", "WARNING: All log")
@@ -315,7 +315,7 @@ def test_resume_check_has_no_false_alarms(tmp_path):
     same = experiment.TrainConfig(
         epsilon=8.0, step_size=8.0, lr_schedule="cosine", model_dir=model_dir
     )
-    experiment.prepare_model_dir(same)
+    run_folder.prepare(same)
     other = experiment.TrainConfig(epsilon=8.0, step_size=4.0, model_dir=model_dir)
     with pytest.raises(experiment.ConfigError, match="step_size=8.0 there, 4.0 now"):
-        experiment.prepare_model_dir(other)
+        run_folder.prepare(other)

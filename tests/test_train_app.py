@@ -103,7 +103,7 @@ def test_quickstart_defaults_are_the_train_defaults(monkeypatch):
         ("pgd_step_size", -2.0, "--pgd_step_size"),
         ("model", "vgg16", "unknown --model"),
         ("method", "trades", "--method"),
-        ("wrn_depth", 30, "--wrn_depth"),
+        ("model_hparams", {"depth": 30}, "--wrn_depth"),
         ("mixed_precision", "fp8", "--mixed_precision"),
     ],
 )

@@ -30,83 +30,296 @@ EVAL_ATTACKS = ("pgd", "apgd-ce")
 # ε above this (0-255 units; 0.5 in [0, 1]) can erase any image: an error
 # unless --allow_large_epsilon.
 MAX_EPSILON = 127.5
+_PIXELS = " (0-255 units)"
+_ABSENT = object()
 
 
 class ConfigError(ValueError):
     """A bad setting, reported before any work starts."""
 
 
+def setting(
+    default,
+    help: str,
+    *,
+    kind: type | str | None = None,
+    choices=None,
+    minimum=None,
+    above=None,
+    below=None,
+    unit: str = "",
+    runtime: bool = False,
+    legacy=_ABSENT,
+):
+    """Declares one setting: its default, flag help, bounds and role, in one place.
+
+    Args:
+      default: the value when not given (None: unset, a method's own default).
+      help: the flag's help text.
+      kind: int, float, str, bool or "floats" (a comma-separated list); by default
+        the type of `default`.
+      choices: the allowed values.
+      minimum, above, below: bounds (>= minimum, > above, < below); numbers
+        must also be finite.
+      unit: appended to the error message, e.g. " (0-255 units)".
+      runtime: True when the setting does not change what is trained, so a run
+        may resume with another value.
+      legacy: the value a run's config.json written before this setting existed
+        was trained with (defaults to `default`).
+    """
+    return dataclasses.field(
+        default=default,
+        metadata=dict(
+            help=help,
+            kind=kind or type(default),
+            choices=choices,
+            minimum=minimum,
+            above=above,
+            below=below,
+            unit=unit,
+            runtime=runtime,
+            legacy=default if legacy is _ABSENT else legacy,
+        ),
+    )
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything a run needs. ε and step sizes are in 0-255 pixel units."""
+    """Everything a run needs, each setting declared once (see `setting`).
 
-    dataset: str = "fashion_mnist"
-    data_dir: str | None = None
-    method: str = "free"
-    m: int = 8
-    epsilon: float = 25.5
-    step_size: float | None = None
-    free_delta_projection: str = "valid_image"
-    pgd_steps: int = 7
-    pgd_step_size: float | None = None
-    pgd_attack_bn: str = "train"
-    epochs: float = 8
-    iterations: int | None = None
-    batch_size: int = 128
-    crop_padding: int = 4
-    lr: float = 0.05
-    lr_schedule: str = "cosine"
-    lr_boundaries: tuple[float, ...] = ()
-    lr_boundary_unit: str = "epochs"
-    lr_decay: float = 0.1
-    weight_decay: float = 0.0
-    weight_decay_vars: str = "kernels"
-    momentum: float = 0.9
-    model: str = "small_cnn"
-    wrn_depth: int = 32
-    wrn_width: int = 10
-    model_dir: str = "runs/quickstart"
-    export_dir: str | None = None
-    strategy: str = "auto"
-    jit_compile: str = "auto"
-    cpu_devices: int = 1
-    mixed_precision: str = "none"
-    seed: int = 0
-    deterministic: bool = False
-    checkpoint_every: int = 200
-    overwrite: bool = False
-    allow_large_epsilon: bool = False
-    eval_every: int = 1
-    eval_attack: str = "pgd"
-    eval_examples: int = 10000
-    eval_pgd_steps: int = 20
-    eval_pgd_step_size: float = 2.55
-    train_examples: int | None = None
-    verbose: int = 1
+    ε and step sizes are in 0-255 pixel units. The flags of `tf_free.train`
+    are made from these declarations (`define_flags`); a model's own
+    hyperparameters are declared with the model (`tf_free.models.MODELS`) and
+    travel in `model_hparams`.
+    """
+
+    # Data and method.
+    dataset: str = setting(
+        "fashion_mnist",
+        "TFDS image-classification dataset; first-class: mnist, fashion_mnist, cifar10, "
+        "cifar100, imagenet2012. fashion_mnist works offline from Debian's files.",
+    )
+    data_dir: str | None = setting(
+        None,
+        "TFDS data_dir (ImageNet tars go in <data_dir>/downloads/manual).",
+        kind=str,
+        runtime=True,
+    )
+    method: str = setting("free", "free (Alg. 2), pgd (K-PGD, Alg. 1) or natural.", choices=METHODS)
+    m: int = setting(8, "Free training: replays of each minibatch (m).", minimum=1)
+    # Attack budget, in 0-255 pixel units.
+    epsilon: float = setting(
+        25.5,
+        "L-inf budget ε in 0-255 pixel units (8 on CIFAR, 4 on ImageNet).",
+        minimum=0,
+        unit=" (0-255 pixel units)",
+    )
+    step_size: float | None = setting(
+        None,
+        "Free training: δ step in 0-255 units (default ε).",
+        kind=float,
+        above=0,
+        unit=_PIXELS,
+    )
+    free_delta_projection: str = setting(
+        "valid_image",
+        "Free training: after its step δ is kept so that x+δ is a valid image (valid_image, "
+        "as locuslab/fast_adversarial), or only in the ε-ball with x+δ clipped in the forward "
+        "pass (epsilon_ball, as the paper's own CIFAR and ImageNet codes).",
+        choices=DELTA_PROJECTIONS,
+    )
+    pgd_steps: int = setting(7, "PGD training: attack steps K.", minimum=1)
+    pgd_step_size: float | None = setting(
+        None,
+        "PGD training: step in 0-255 units (default 2.5·ε/K).",
+        kind=float,
+        above=0,
+        unit=_PIXELS,
+    )
+    pgd_attack_bn: str = setting(
+        "train",
+        "PGD training: batch norm mode of the K attack passes; train (batch statistics, moving "
+        "averages updated, as Madry et al.'s and locuslab's codes) or inference.",
+        choices=ATTACK_BN_MODES,
+        legacy="inference",
+    )
+    # Budget and optimisation.
+    epochs: float = setting(
+        8,
+        "Natural-epoch budget; free training makes ceil(epochs/m) passes over the data.",
+        kind=float,
+        above=0,
+        unit=" (natural-epoch budget)",
+    )
+    iterations: int | None = setting(
+        None,
+        "Budget in optimizer iterations (replays count), instead of --epochs: training stops "
+        "after iterations/m batches, within a pass if need be (the paper's CIFAR code: 80000).",
+        kind=int,
+        minimum=1,
+    )
+    batch_size: int = setting(128, "Global batch size (split across replicas).", minimum=1)
+    crop_padding: int = setting(
+        4,
+        "CIFAR augmentation: zero-pad this many pixels per side, then random-crop (the paper's "
+        "CIFAR code pads 2, locuslab/fast_adversarial 4).",
+        minimum=0,
+        unit=" (pixels)",
+    )
+    lr: float = setting(0.05, "Peak learning rate.", above=0)
+    lr_schedule: str = setting(
+        "cosine", "Schedule over optimizer iterations (replays count).", choices=LR_SCHEDULES
+    )
+    lr_boundaries: tuple[float, ...] = setting(
+        (),
+        "piecewise: boundaries in --lr_boundary_unit, e.g. 100,150 (epochs).",
+        kind="floats",
+    )
+    lr_boundary_unit: str = setting(
+        "epochs",
+        "Unit of --lr_boundaries: natural epochs, or optimizer iterations (replays count).",
+        choices=LR_BOUNDARY_UNITS,
+    )
+    lr_decay: float = setting(0.1, "piecewise: factor applied at each boundary.", above=0)
+    weight_decay: float = setting(
+        0.0,
+        "L2 weight decay, coupled through the momentum as in both official codes (wd·w added "
+        "to the gradient).",
+        minimum=0,
+    )
+    weight_decay_vars: str = setting(
+        "kernels",
+        "Variables the weight decay covers: kernels (conv and dense kernels, as the paper's "
+        "CIFAR code) or all (biases and batch norm too, as torch SGD in the ImageNet code).",
+        choices=DECAY_VARIABLES,
+        # Before 0.2 the decay was Keras's decoupled form on every variable.
+        legacy="keras_decoupled",
+    )
+    momentum: float = setting(0.9, "SGD momentum.", minimum=0, below=1)
+    # Model.
+    model: str = setting(
+        "small_cnn",
+        "small_cnn, preact_resnet18, wide_resnet, resnet50, resnet101 or resnet152.",
+    )
+    model_hparams: dict = dataclasses.field(
+        default_factory=dict,
+        metadata=dict(flag=False, runtime=False, legacy={}),
+    )
+    # Output and execution.
+    model_dir: str = setting(
+        "runs/quickstart",
+        "Run folder: config, TensorBoard logs, checkpoints, results.",
+        runtime=True,
+    )
+    export_dir: str | None = setting(
+        None, "SavedModel folder (default <model_dir>/export).", kind=str, runtime=True
+    )
+    strategy: str = setting(
+        "auto",
+        "tf.distribute strategy; auto mirrors over >1 GPU; multi_worker reads TF_CONFIG "
+        "(scripts/launch_local_workers.sh); tpu is untested.",
+        choices=STRATEGIES,
+        runtime=True,
+    )
+    jit_compile: str = setting(
+        "auto",
+        "XLA; auto = on with GPUs/TPUs (per replica under tf.distribute), off on CPU (slower "
+        "there).",
+        choices=JIT_CHOICES,
+        runtime=True,
+    )
+    cpu_devices: int = setting(
+        1,
+        "Without GPUs: split the CPU into N logical devices; --strategy=mirrored then runs N "
+        "replicas (to try multi-replica training on any machine).",
+        minimum=1,
+        runtime=True,
+    )
+    mixed_precision: str = setting(
+        "none",
+        "Keras mixed precision: bf16 or fp16 compute (float32 variables, δ and loss).",
+        choices=tuple(PRECISIONS),
+    )
+    seed: int = setting(0, "Seed for weights, data order and attacks.", minimum=0, below=2**31)
+    deterministic: bool = setting(
+        False,
+        "TensorFlow op determinism: the same run gives the same weights, also when resumed.",
+        runtime=True,
+    )
+    # Checkpoints and resuming.
+    checkpoint_every: int = setting(
+        200,
+        "Checkpoint every N batches, and at the end of every pass (0: pass ends only). Started "
+        "again with the same --model_dir, a run resumes from its latest checkpoint.",
+        minimum=0,
+        unit=" (batches)",
+        runtime=True,
+    )
+    overwrite: bool = setting(
+        False,
+        "Start again in a --model_dir that holds a run (its checkpoints, logs, results and "
+        "export are deleted). Without it, a run with other settings there is an error.",
+        runtime=True,
+    )
+    allow_large_epsilon: bool = setting(
+        False,
+        f"Allow --epsilon above {MAX_EPSILON} (0-255 units), where an image can be erased.",
+        runtime=True,
+    )
+    # Evaluation during training.
+    eval_every: int = setting(
+        1,
+        "Evaluate robustness every N passes over the data (and at the end).",
+        minimum=1,
+        unit=" (passes)",
+        runtime=True,
+    )
+    eval_attack: str = setting(
+        "pgd",
+        "The attack of the robustness evaluation: pgd (K steps of --eval_pgd_step_size, random "
+        "start) or apgd-ce (K iterations of AutoAttack's step-size-free APGD on cross-entropy).",
+        choices=EVAL_ATTACKS,
+        runtime=True,
+    )
+    eval_examples: int = setting(
+        10000, "Validation examples for the robustness evaluation.", minimum=1, runtime=True
+    )
+    eval_pgd_steps: int = setting(
+        20,
+        "Steps (iterations) K of the evaluation attack, PGD-K or APGD-CE-K.",
+        minimum=1,
+        runtime=True,
+    )
+    eval_pgd_step_size: float = setting(
+        2.55,
+        "Evaluation PGD step in 0-255 units (random start).",
+        above=0,
+        unit=_PIXELS,
+        runtime=True,
+    )
+    # Quick tries and tests.
+    train_examples: int | None = setting(
+        None, "Use only the first N training examples.", kind=int, minimum=1
+    )
+    verbose: int = setting(
+        1,
+        "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch.",
+        choices=(0, 1, 2),
+        runtime=True,
+    )
 
     def validate(self) -> None:
         """Raises ConfigError for the first bad value (no I/O)."""
         from tf_free import models  # models import keras: keep this module light
 
-        def finite(value) -> bool:
-            return isinstance(value, (int, float)) and math.isfinite(value)
-
-        def positive(value) -> bool:
-            return finite(value) and value > 0
-
-        def one_of(name, value, choices):
-            return (value in choices, f"--{name} must be one of {tuple(choices)}, got {value!r}")
-
+        for field in dataclasses.fields(self):
+            if field.metadata.get("flag", True):
+                message = _check_setting(
+                    field.name, getattr(self, field.name), field.metadata, field.default
+                )
+                if message:
+                    raise ConfigError(message)
         checks = [
-            one_of("method", self.method, METHODS),
-            (
-                _is_int(self.m) and self.m >= 1,
-                f"--m (replays) must be an integer >= 1, got {self.m}",
-            ),
-            (
-                finite(self.epsilon) and self.epsilon >= 0,
-                f"--epsilon must be a finite number >= 0 (0-255 pixel units), got {self.epsilon}",
-            ),
             (
                 self.allow_large_epsilon or not self.epsilon > MAX_EPSILON,
                 f"--epsilon={self.epsilon} (0-255 units) is above {MAX_EPSILON} (0.5 of the "
@@ -114,118 +327,35 @@ class TrainConfig:
                 "(8 means 8/255). Pass --allow_large_epsilon if you mean it",
             ),
             (
-                self.step_size is None or positive(self.step_size),
-                f"--step_size must be > 0 and finite (0-255 units), got {self.step_size}",
-            ),
-            one_of("free_delta_projection", self.free_delta_projection, DELTA_PROJECTIONS),
-            (
-                _is_int(self.pgd_steps) and self.pgd_steps >= 1,
-                f"--pgd_steps must be an integer >= 1, got {self.pgd_steps}",
-            ),
-            (
-                self.pgd_step_size is None or positive(self.pgd_step_size),
-                f"--pgd_step_size must be > 0 and finite (0-255 units), got {self.pgd_step_size}",
-            ),
-            one_of("pgd_attack_bn", self.pgd_attack_bn, ATTACK_BN_MODES),
-            (
-                positive(self.epochs),
-                f"--epochs (natural-epoch budget) must be a finite number > 0, got {self.epochs}",
-            ),
-            (
-                self.iterations is None or (_is_int(self.iterations) and self.iterations >= 1),
-                f"--iterations must be an integer >= 1, got {self.iterations}",
-            ),
-            (
-                _is_int(self.batch_size) and self.batch_size >= 1,
-                f"--batch_size must be >= 1, got {self.batch_size}",
-            ),
-            (
-                _is_int(self.crop_padding) and self.crop_padding >= 0,
-                f"--crop_padding must be an integer >= 0 (pixels), got {self.crop_padding}",
-            ),
-            (positive(self.lr), f"--lr must be a finite number > 0, got {self.lr}"),
-            one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES),
-            (
-                all(finite(b) and b >= 0 for b in self.lr_boundaries),
-                f"--lr_boundaries must be finite numbers >= 0, got {list(self.lr_boundaries)}",
-            ),
-            (
                 list(self.lr_boundaries) == sorted(set(self.lr_boundaries)),
                 f"--lr_boundaries must increase, got {list(self.lr_boundaries)}",
-            ),
-            one_of("lr_boundary_unit", self.lr_boundary_unit, LR_BOUNDARY_UNITS),
-            (
-                positive(self.lr_decay),
-                f"--lr_decay must be a finite number > 0, got {self.lr_decay}",
-            ),
-            (
-                finite(self.weight_decay) and self.weight_decay >= 0,
-                f"--weight_decay must be a finite number >= 0, got {self.weight_decay}",
-            ),
-            one_of("weight_decay_vars", self.weight_decay_vars, DECAY_VARIABLES),
-            (
-                finite(self.momentum) and 0 <= self.momentum < 1,
-                f"--momentum must be in [0, 1), got {self.momentum}",
             ),
             (
                 self.model in models.MODELS,
                 f"unknown --model {self.model!r}; choose one of {sorted(models.MODELS)}",
             ),
-            (
-                self.model != "wide_resnet"
-                or (
-                    _is_int(self.wrn_depth)
-                    and self.wrn_depth >= 8
-                    and (self.wrn_depth - 2) % 6 == 0
-                ),
-                f"--wrn_depth must be 6n+2 (8, 14, ..., 32), got {self.wrn_depth}",
-            ),
-            (
-                self.model != "wide_resnet" or (_is_int(self.wrn_width) and self.wrn_width >= 1),
-                f"--wrn_width must be an integer >= 1, got {self.wrn_width}",
-            ),
-            one_of("strategy", self.strategy, STRATEGIES),
-            one_of("jit_compile", self.jit_compile, JIT_CHOICES),
-            one_of("mixed_precision", self.mixed_precision, PRECISIONS),
-            (
-                _is_int(self.cpu_devices) and self.cpu_devices >= 1,
-                f"--cpu_devices must be >= 1, got {self.cpu_devices}",
-            ),
-            (
-                _is_int(self.seed) and 0 <= self.seed < 2**31,
-                f"--seed must be an integer in [0, 2^31), got {self.seed}",
-            ),
-            (
-                _is_int(self.checkpoint_every) and self.checkpoint_every >= 0,
-                f"--checkpoint_every must be >= 0 (batches), got {self.checkpoint_every}",
-            ),
-            (
-                _is_int(self.eval_every) and self.eval_every >= 1,
-                f"--eval_every must be >= 1 (passes), got {self.eval_every}",
-            ),
-            one_of("eval_attack", self.eval_attack, EVAL_ATTACKS),
-            (
-                _is_int(self.eval_examples) and self.eval_examples >= 1,
-                f"--eval_examples must be >= 1, got {self.eval_examples}",
-            ),
-            (
-                _is_int(self.eval_pgd_steps) and self.eval_pgd_steps >= 1,
-                f"--eval_pgd_steps must be an integer >= 1, got {self.eval_pgd_steps}",
-            ),
-            (
-                positive(self.eval_pgd_step_size),
-                f"--eval_pgd_step_size must be > 0 and finite (0-255 units), "
-                f"got {self.eval_pgd_step_size}",
-            ),
-            (
-                self.train_examples is None
-                or (_is_int(self.train_examples) and self.train_examples >= 1),
-                f"--train_examples must be >= 1, got {self.train_examples}",
-            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        spec = models.MODELS[self.model]
+        unknown = sorted(set(self.model_hparams) - set(spec.hyperparameters))
+        if unknown:
+            raise ConfigError(
+                f"--model={self.model} has no hyperparameters {unknown}; it has "
+                f"{sorted(spec.hyperparameters)}"
+            )
+        for name, value in self.resolved_model_hparams().items():
+            hparam = spec.hyperparameters[name]
+            if not hparam.valid(value):
+                raise ConfigError(f"--{hparam.flag} must be {hparam.requirement}, got {value}")
+
+    def resolved_model_hparams(self) -> dict:
+        """The model's hyperparameters: the registered defaults, updated by `model_hparams`."""
+        from tf_free import models
+
+        spec = models.MODELS.get(self.model)
+        return {**(spec.defaults() if spec else {}), **self.model_hparams}
 
     def warnings(self) -> list[str]:
         """Legal settings that are probably not what the user meant (one line each)."""
@@ -279,47 +409,73 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _check_setting(name: str, value, meta, default) -> str | None:
+    """The error message for a value that its declaration does not allow, else None."""
+    kind, unit = meta["kind"], meta["unit"]
+    if value is None:
+        return None if default is None else f"--{name} must be given"
+    if meta["choices"] is not None:
+        if value not in meta["choices"]:
+            return f"--{name} must be one of {tuple(meta['choices'])}, got {value!r}"
+        return None
+    if kind is bool:
+        return None if isinstance(value, bool) else f"--{name} must be true or false"
+    if kind is str:
+        return None if isinstance(value, str) else f"--{name} must be a string, got {value!r}"
+    if kind == "floats":
+        ok = all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in value)
+        return None if ok else f"--{name} must be finite numbers >= 0, got {list(value)}"
+    low, above, below = meta["minimum"], meta["above"], meta["below"]
+    if kind is int:
+        ok = _is_int(value)
+        if below is not None:
+            ok = ok and low <= value < below
+            return (
+                None
+                if ok
+                else f"--{name} must be an integer in [{low}, {'2^31' if below == 2**31 else below}){unit}, got {value}"
+            )
+        ok = ok and (low is None or value >= low)
+        return None if ok else f"--{name} must be >= {low} (an integer){unit}, got {value}"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if below is not None:
+        ok = ok and low <= value < below
+        return None if ok else f"--{name} must be in [{low:g}, {below:g}), got {value}"
+    if above is not None:
+        ok = ok and value > above
+        return None if ok else f"--{name} must be > {above:g} and finite{unit}, got {value}"
+    ok = ok and (low is None or value >= low)
+    return None if ok else f"--{name} must be a finite number >= {low:g}{unit}, got {value}"
+
+
 # Settings that do not change what is trained: a run may resume with other values.
 RUNTIME_FIELDS = frozenset(
-    {
-        "data_dir",
-        "model_dir",
-        "export_dir",
-        "strategy",
-        "jit_compile",
-        "cpu_devices",
-        "deterministic",
-        "checkpoint_every",
-        "overwrite",
-        "allow_large_epsilon",
-        "eval_every",
-        "eval_attack",
-        "eval_examples",
-        "eval_pgd_steps",
-        "eval_pgd_step_size",
-        "verbose",
-    }
+    f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("runtime")
 )
-# What a run folder's config.json lacked before a setting existed: the value
-# that reproduces how such runs were trained.
-LEGACY_DEFAULTS = {
-    "free_delta_projection": "valid_image",
-    "pgd_attack_bn": "inference",
-    "iterations": None,
-    "crop_padding": 4,
-    "lr_boundary_unit": "epochs",
-    "weight_decay_vars": "keras_decoupled",
-    "allow_large_epsilon": False,
-    "eval_attack": "pgd",
-}
 
 
 def from_json_dict(saved: dict) -> TrainConfig:
-    """A `TrainConfig` from a run's config.json, of this or an earlier version."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {**LEGACY_DEFAULTS, **{k: v for k, v in saved.items() if k in fields}}
+    """A `TrainConfig` from a run's config.json, of this or an earlier version.
+
+    A setting the file lacks takes its declared `legacy` value: how runs were
+    trained before the setting existed. Model hyperparameters saved at the top
+    level (before 0.2: `wrn_depth`, `wrn_width`) move into `model_hparams`.
+    """
+    from tf_free import models
+
+    values = {}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in saved:
+            values[field.name] = saved[field.name]
+        elif "legacy" in field.metadata:
+            values[field.name] = field.metadata["legacy"]
     if values.get("lr_boundaries") is not None:
         values["lr_boundaries"] = tuple(values["lr_boundaries"])
+    spec = models.MODELS.get(values.get("model", TrainConfig.model))
+    if spec is not None and "model_hparams" not in saved:
+        values["model_hparams"] = {
+            name: saved[h.flag] for name, h in spec.hyperparameters.items() if h.flag in saved
+        }
     return TrainConfig(**values)
 
 
@@ -332,6 +488,7 @@ def effective_settings(config: TrainConfig) -> dict:
     """
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUNTIME_FIELDS}
     settings["lr_boundaries"] = list(config.lr_boundaries)
+    settings["model_hparams"] = config.resolved_model_hparams()
     if config.method == "free":
         settings["step_size"] = config.free_step_size
     else:
@@ -345,9 +502,6 @@ def effective_settings(config: TrainConfig) -> dict:
     if config.lr_schedule != "piecewise":
         for key in ("lr_boundaries", "lr_decay", "lr_boundary_unit"):
             settings.pop(key)
-    if config.model != "wide_resnet":
-        settings.pop("wrn_depth")
-        settings.pop("wrn_width")
     if config.weight_decay == 0:
         settings.pop("weight_decay_vars")
     if not config.dataset.startswith("cifar"):
@@ -369,6 +523,75 @@ def differences(old: TrainConfig, new: TrainConfig) -> list[str]:
     ]
 
 
+# --- Flags: one per setting, made from the declarations above ----------------------
+
+
+def define_flags(flag_values) -> None:
+    """Defines an absl flag for every setting of `TrainConfig` and every model hyperparameter.
+
+    Bounds are not given to absl: `TrainConfig.validate` checks every value
+    with one message style, whether it came from a flag, a flagfile or Python.
+    """
+    from absl import flags
+
+    from tf_free import models
+
+    for field in dataclasses.fields(TrainConfig):
+        meta = field.metadata
+        if not meta.get("flag", True):
+            continue
+        kind, choices = meta["kind"], meta["choices"]
+        args = (field.name, field.default, meta["help"])
+        if kind is bool:
+            flags.DEFINE_bool(*args, flag_values=flag_values)
+        elif choices is not None and all(isinstance(c, str) for c in choices):
+            flags.DEFINE_enum(
+                field.name, field.default, list(choices), meta["help"], flag_values=flag_values
+            )
+        elif kind == "floats":
+            flags.DEFINE_list(
+                field.name, list(field.default), meta["help"], flag_values=flag_values
+            )
+        elif kind is int:
+            flags.DEFINE_integer(*args, flag_values=flag_values)
+        elif kind is float:
+            flags.DEFINE_float(*args, flag_values=flag_values)
+        else:
+            flags.DEFINE_string(*args, flag_values=flag_values)
+    defined = set()
+    for spec in models.MODELS.values():
+        for hparam in spec.hyperparameters.values():
+            if hparam.flag in defined:
+                continue
+            defined.add(hparam.flag)
+            define = {int: flags.DEFINE_integer, float: flags.DEFINE_float}.get(
+                type(hparam.default), flags.DEFINE_string
+            )
+            define(hparam.flag, hparam.default, hparam.help, flag_values=flag_values)
+
+
+def from_flags(flag_values) -> TrainConfig:
+    """The `TrainConfig` of parsed flags (see `define_flags`)."""
+    from tf_free import models
+
+    values = {}
+    for field in dataclasses.fields(TrainConfig):
+        if field.metadata.get("flag", True):
+            values[field.name] = flag_values[field.name].value
+    try:
+        values["lr_boundaries"] = tuple(float(b) for b in values["lr_boundaries"])
+    except ValueError as e:
+        raise ConfigError(
+            f"--lr_boundaries must be numbers separated by commas, got {values['lr_boundaries']}"
+        ) from e
+    spec = models.MODELS.get(values["model"])
+    if spec is not None:
+        values["model_hparams"] = {
+            name: flag_values[h.flag].value for name, h in spec.hyperparameters.items()
+        }
+    return TrainConfig(**values)
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """The budget of a run, in the units the loop uses.
@@ -381,6 +604,7 @@ class Plan:
       total_iterations: optimizer iterations (replays count).
       natural_epochs: the budget in natural epochs (total iterations / batches per pass).
       lr_boundaries: piecewise boundaries in optimizer iterations.
+      num_train_examples: the training examples a pass sweeps.
     """
 
     batches_per_pass: int
@@ -390,6 +614,7 @@ class Plan:
     total_iterations: int
     natural_epochs: float
     lr_boundaries: tuple[int, ...]
+    num_train_examples: int
 
 
 def plan(config: TrainConfig, num_train: int, drop_remainder: bool = False) -> Plan:
@@ -433,4 +658,5 @@ def plan(config: TrainConfig, num_train: int, drop_remainder: bool = False) -> P
         total_iterations=total_iterations,
         natural_epochs=total_iterations / batches_per_pass,
         lr_boundaries=boundaries,
+        num_train_examples=num_train,
     )

@@ -11,7 +11,6 @@ under its own lock.
 """
 
 import datetime
-import json
 import math
 import os
 import sys
@@ -19,7 +18,7 @@ import sys
 from absl import app, flags
 
 from tf_free import config as config_lib
-from tf_free import data, evaluation, export, run_lock
+from tf_free import data, evaluation, export, run_folder, run_lock
 
 flags.DEFINE_string("model_dir", None, "A tf_free.train run folder.")
 flags.DEFINE_string("saved_model", None, "A SavedModel exported by tf_free (its `serve` endpoint).")
@@ -58,28 +57,9 @@ class OutputError(OSError):
     """The results were printed but could not be written."""
 
 
-def _run_config(model_dir):
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.exists(path):
-        raise config_lib.ConfigError(f"{path} not found: is {model_dir!r} a tf_free.train run?")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise config_lib.ConfigError(f"cannot read {path}: {e}") from e
-
-
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise config_lib.ConfigError(message)
-
-
-def _label(run: dict) -> str:
-    if run.get("method") == "free":
-        return f"free m={run['m']}"
-    if run.get("method") == "pgd":
-        return f"pgd K={run['pgd_steps']}"
-    return run.get("method", "model")
 
 
 def _recover_export(saved_model: str) -> None:
@@ -111,11 +91,12 @@ def evaluate(f=FLAGS) -> dict:
     _check(
         bool(f.model_dir) != bool(f.saved_model), "give exactly one of --model_dir or --saved_model"
     )
-    run = _run_config(f.model_dir) if f.model_dir else {}
-    saved_model = f.saved_model or run.get("export_dir") or os.path.join(f.model_dir, "export")
-    dataset = f.dataset or run.get("dataset")
-    epsilon = f.epsilon if f.epsilon is not None else run.get("epsilon")
-    step_size = f.step_size if f.step_size is not None else run.get("eval_pgd_step_size")
+    run = run_folder.read_config(f.model_dir) if f.model_dir else None
+    # The folder may have moved since training: its export is looked up where it is now.
+    saved_model = f.saved_model or (run and run.export_dir) or os.path.join(f.model_dir, "export")
+    dataset = f.dataset or (run and run.dataset)
+    epsilon = f.epsilon if f.epsilon is not None else (run and run.epsilon)
+    step_size = f.step_size if f.step_size is not None else (run and run.eval_pgd_step_size)
     _check(
         dataset is not None and epsilon is not None and step_size is not None,
         "with --saved_model, give --dataset, --epsilon and --step_size",
@@ -144,7 +125,7 @@ def evaluate(f=FLAGS) -> dict:
     _check(bool(names), "--attacks is empty: name at least one attack, e.g. natural,pgd20")
     for name in names:
         evaluation.attack_from_name(name)  # rejects unknown names before any work
-    data_dir = f.data_dir or run.get("data_dir")
+    data_dir = f.data_dir or (run and run.data_dir)
     try:
         info = data.dataset_info(dataset, data_dir)
     except ValueError as e:
@@ -179,7 +160,7 @@ def evaluate(f=FLAGS) -> dict:
         seed=f.seed,
         details=details,
     )
-    row = {"training": f.label or _label(run), **accuracies}
+    row = {"training": f.label or (run_folder.label(run) if run else "model"), **accuracies}
     # The table first: whatever happens to the file, the user has the numbers.
     columns = list(accuracies)  # an ensemble adds a column after each of its attacks
     print(evaluation.to_markdown([row], columns))
