@@ -162,7 +162,7 @@ def test_xla_per_replica_under_two_replicas_matches_no_xla(model_class):
         history = model.fit(as_dataset(batches), epochs=1, verbose=0, shuffle=False)
         results[jit] = (model, history.history["loss"])
     xla, plain = results["per_replica"][0], results[False][0]
-    assert xla.xla_per_replica and not xla.jit_compile  # Keras's whole-step XLA stays off
+    assert xla.uses_xla() and xla.xla_per_replica and not xla.jit_compile  # whole step: no XLA
     assert xla._xla_functions  # the per-replica function was compiled and used
     for got, want in zip(xla.get_weights(), plain.get_weights()):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

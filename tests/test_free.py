@@ -265,3 +265,98 @@ def test_mixed_precision_delta_stays_finite_even_on_overflow(policy):
     assert all(np.isfinite(w).all() for w in model.get_weights())
     if policy == "mixed_float16":
         assert float(model.optimizer.dynamic_scale) < 2.0**28  # overflow happened and was handled
+
+
+class _Batches(keras.utils.PyDataset):
+    def __init__(self, batches):
+        super().__init__()
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, index):
+        return self.batches[index]
+
+
+def _inputs(kind, batches):
+    """fit's arguments for `batches` given as `kind`, and the rows of δ fit must make."""
+    x = np.concatenate([b[0] for b in batches])
+    y = np.concatenate([b[1] for b in batches])
+    if kind == "arrays":
+        return dict(x=x, y=y, batch_size=16, shuffle=False), 16
+    if kind == "arrays_default_batch":  # Keras's default batch of 32
+        return dict(x=x, y=y, shuffle=False), 32
+    if kind == "arrays_steps":  # no batch_size: ceil(40 / 3) rows
+        return dict(x=x, y=y, steps_per_epoch=3, shuffle=False), 14
+    if kind == "arrays_validation_split":  # 40 × (1 - 0.5) rows left, fewer than the batch
+        return dict(x=x, y=y, batch_size=32, validation_split=0.5, shuffle=False), 20
+    if kind == "dataset":
+        return dict(x=as_dataset(batches)), 16
+    if kind == "generator":
+        return dict(x=(b for b in batches)), 16
+    return dict(x=_Batches(batches), shuffle=False), 16
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "arrays",
+        "arrays_default_batch",
+        "arrays_steps",
+        "arrays_validation_split",
+        "dataset",
+        "generator",
+        "py_dataset",
+    ],
+)
+def test_fit_sizes_delta_from_the_first_batch_of_any_input(kind):
+    batches = make_batches((16, 16, 8))
+    kwargs, rows = _inputs(kind, batches)
+    model = compile_model(FreeAdversarialModel(make_base(), epsilon=EPSILON, replays=2))
+    assert model.perturbation is None
+    model.fit(epochs=1, verbose=0, **kwargs)
+    assert model.perturbation.shape == (rows, *IMAGE_SHAPE)
+    if kind in ("dataset", "py_dataset"):
+        # Every batch is trained on, the one fit peeked at included.
+        reference, _ = train_free(batches, replays=2)
+        assert int(model.optimizer.iterations) == 2 * len(batches)
+        for got, want in zip(model.get_weights(), reference.get_weights()):
+            np.testing.assert_array_equal(got, want)
+    if kind == "generator":
+        # The batch fit peeked at is put back: as many steps as a plain Keras
+        # model takes on the same generator (Keras 3.15 takes 4 on these 3).
+        plain = compile_model(make_base())
+        plain.fit((b for b in batches), epochs=1, verbose=0)
+        assert int(model.optimizer.iterations) == 2 * int(plain.optimizer.iterations)
+
+
+def test_train_on_batch_sizes_delta_and_trains_as_fit():
+    ((x, y),) = make_batches((16,))
+    model = compile_model(FreeAdversarialModel(make_base(), epsilon=EPSILON, replays=3))
+    model.train_on_batch(x, y)
+    fitted, _ = train_free([(x, y)])
+    assert model.perturbation.shape == (16, *IMAGE_SHAPE)
+    np.testing.assert_array_equal(model.perturbation.numpy(), fitted.perturbation.numpy())
+    for got, want in zip(model.get_weights(), fitted.get_weights()):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_fit_on_an_input_of_unknown_shape_asks_for_build_perturbation():
+    model = compile_model(FreeAdversarialModel(make_base(), epsilon=EPSILON, replays=2))
+    with pytest.raises(ValueError, match=r"call build_perturbation\(\(per-replica batch"):
+        model.fit(object(), epochs=1, verbose=0)
+    assert model.perturbation is None
+
+
+def test_fit_on_arrays_sizes_delta_per_replica_under_two_replicas():
+    batches = make_batches((16, 16, 8))
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+    with strategy.scope():
+        model = compile_model(FreeAdversarialModel(make_base(), epsilon=EPSILON, replays=2))
+    x = np.concatenate([b[0] for b in batches])
+    y = np.concatenate([b[1] for b in batches])
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    # Each replica takes half of the global batch of 16, and holds δ for it.
+    per_replica = strategy.experimental_local_results(model.perturbation)
+    assert [d.shape for d in per_replica] == [(8, *IMAGE_SHAPE)] * 2

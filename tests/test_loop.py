@@ -28,15 +28,15 @@ def _model(kind, strategy=None, jit_compile=False):
     return model
 
 
-def _loop_fit(model, batches, tmp_path, epochs=2):
+def _loop_fit(model, batches, tmp_path, passes=2):
     strategy = model.distribute_strategy
     state = loop.TrainState(model, str(tmp_path), strategy)
     history = loop.fit(
         model,
-        lambda epoch, skip: as_dataset(batches).skip(skip),
+        lambda pass_, skip: as_dataset(batches).skip(skip),
         strategy=strategy,
-        epochs=epochs,
-        steps_per_epoch=len(batches),
+        passes=passes,
+        batches_per_pass=len(batches),
         state=state,
         verbose=0,
     )
@@ -82,6 +82,7 @@ def test_loop_with_xla_matches_without(jit, replicas, tmp_path):
     xla = _model("free", strategy, jit_compile=jit)
     _loop_fit(xla, batches, tmp_path / "xla")
     # XLA stayed on (no fallback) and, per replica, the compiled function ran.
+    assert xla.uses_xla()
     if jit is True:
         assert xla.jit_compile is True
     else:
@@ -127,6 +128,73 @@ def test_a_step_xla_cannot_compile_goes_on_without_xla(jit, replicas, tmp_path, 
             _loop_fit(model, batches, tmp_path / str(setting))
         results.append(model)
     assert "XLA cannot compile this train step" in caplog.text
+    assert not results[1].uses_xla()
     assert not results[1].jit_compile and not results[1].xla_per_replica
     for got, want in zip(results[1].get_weights(), results[0].get_weights()):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_plain_keras_model_trains_as_keras_fit(tmp_path):
+    """Natural training: a keras.Model without tf_free's methods (uses_xla, ...)."""
+    batches = make_batches((16, 16, 6))
+    keras_model = compile_model(make_base())
+    keras_loss = keras_model.fit(as_dataset(batches), epochs=2, verbose=0, shuffle=False)
+    ours = compile_model(make_base())
+    ours.optimizer.build(ours.trainable_variables)
+    assert not hasattr(ours, "uses_xla")
+    our_loss = _loop_fit(ours, batches, tmp_path)
+    for got, want in zip(ours.get_weights(), keras_model.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(our_loss, keras_loss.history["loss"], rtol=1e-6)
+
+
+def test_plain_keras_model_goes_on_without_xla(tmp_path, caplog):
+    batches = make_batches((16, 16, 6))
+    results = []
+    for setting in (False, True):
+        model = compile_model(_base_without_xla(), jit_compile=setting)
+        model.optimizer.build(model.trainable_variables)
+        with caplog.at_level(logging.WARNING):
+            _loop_fit(model, batches, tmp_path / str(setting))
+        results.append(model)
+    assert "XLA cannot compile this train step" in caplog.text
+    assert results[1].jit_compile is False
+    for got, want in zip(results[1].get_weights(), results[0].get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+# The checkpoint's keys for where training is, as the first runs wrote them.
+OLD_KEYS = {
+    "epoch/.ATTRIBUTES/VARIABLE_VALUE",
+    "batch_in_epoch/.ATTRIBUTES/VARIABLE_VALUE",
+    "train_seconds/.ATTRIBUTES/VARIABLE_VALUE",
+    "model/_perturbation/.ATTRIBUTES/global_perturbation",
+}
+
+
+def test_checkpoint_keys_are_those_of_existing_runs(tmp_path):
+    model = _model("free")
+    state = loop.TrainState(model, str(tmp_path), tf.distribute.get_strategy())
+    state.save_at(3, 7)
+    names = {name for name, _ in tf.train.list_variables(state.latest)}
+    assert OLD_KEYS <= names
+
+
+def test_checkpoint_written_with_the_old_layout_restores(tmp_path):
+    """A checkpoint as TrainState wrote it before its attributes were renamed."""
+    old = _model("free")
+    old.perturbation.assign(tf.fill(old.perturbation.shape, 0.25))
+    tf.train.Checkpoint(
+        model=old,
+        optimizer=old.optimizer,
+        epoch=tf.Variable(3, dtype=tf.int64),
+        batch_in_epoch=tf.Variable(7, dtype=tf.int64),
+        train_seconds=tf.Variable(12.5, dtype=tf.float64),
+    ).save(str(tmp_path / "ckpt"))
+    new = _model("free")
+    state = loop.TrainState(new, str(tmp_path), tf.distribute.get_strategy())
+    assert state.restore()  # (which asserts that the existing objects matched)
+    assert (int(state.passes_done), int(state.batches_done), float(state.seconds)) == (3, 7, 12.5)
+    np.testing.assert_array_equal(new.perturbation.numpy(), old.perturbation.numpy())
+    for got, want in zip(new.get_weights(), old.get_weights()):
+        np.testing.assert_array_equal(got, want)

@@ -275,7 +275,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     strategy = tf.distribute.get_strategy()
     state = loop.TrainState(model, str(tmp_path / "checkpoints"), strategy)
 
-    def make_dataset(epoch, skip):
+    def make_dataset(pass_, skip):
         return tf.data.Dataset.from_tensor_slices((x, y)).skip(skip * 16).batch(16)
 
     with pytest.raises(loop.TrainingError) as error:
@@ -283,15 +283,15 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
             model,
             make_dataset,
             strategy=strategy,
-            epochs=1,
-            steps_per_epoch=4,
+            passes=1,
+            batches_per_pass=4,
             state=state,
             callbacks=[_PoisonWeightsAfter(batch=1)],
             checkpoint_every=1,
             verbose=0,
         )
     message = str(error.value)
-    assert "loss is nan at epoch 1, batch 3 (iteration 6)" in message
+    assert "loss is nan at pass 1, batch 3 (iteration 6)" in message
     assert "ckpt-4" in message  # after batch 2 (2 replays each)
     assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-4")
     # The checkpoint is the model after two good batches.

@@ -15,11 +15,15 @@ EVAL_ATTACKS = ("pgd", "apgd-ce")
 
 
 class RobustnessEvaluation(keras.callbacks.Callback):
-    """Every `every` epochs: clean and PGD-K (or APGD-CE) accuracy on a validation subset.
+    """Every `every` passes and after the last: clean and PGD-K (or APGD-CE) accuracy.
+
+    Evaluates on `dataset` (a validation subset) at the end of a pass (Keras's
+    `on_epoch_end`: a pass over the training data is Keras's epoch) when the
+    number of passes done is a multiple of `every`, and after the last pass
+    (`params["epochs"]`). Accuracies are fractions in [0, 1].
 
     Writes to `<log_dir>/robustness` (next to the `train`/`validation` runs of
-    `keras.callbacks.TensorBoard`), with the epoch as step, like Keras's own
-    epoch summaries:
+    `keras.callbacks.TensorBoard`), with the number of passes done as step:
       - `robustness/clean_accuracy`, `robustness/pgd{K}_accuracy` (with
         `attack="apgd-ce"`: `robustness/apgd_ce{K}_accuracy`, K iterations of
         AutoAttack's APGD on the cross-entropy; `step_size` is then unused);
@@ -27,8 +31,10 @@ class RobustnessEvaluation(keras.callbacks.Callback):
         time before a resume: `previous_seconds`), and
         `robustness/iterations` (optimizer steps; free training counts replays);
       - `adversarial_examples`: the first images, clean next to attacked.
-    The accuracies are also added to the epoch's `logs` (`val_clean_accuracy`,
-    `val_pgd{K}_accuracy`), so History, CSVLogger and checkpoints see them.
+    The accuracies are also added to the pass's `logs` (`val_clean_accuracy`,
+    `val_pgd{K}_accuracy`), so History, CSVLogger and checkpoints see them, and
+    kept in `last_results` ({"clean_accuracy", "pgd{K}_accuracy"}; None when
+    the pass was not evaluated).
     """
 
     def __init__(
@@ -61,7 +67,7 @@ class RobustnessEvaluation(keras.callbacks.Callback):
         self.writer = tf.summary.create_file_writer(os.path.join(log_dir, "robustness"))
         self._start = None
         self.previous_seconds = previous_seconds  # of training before a resume
-        self.last_results = None  # of the last epoch, if it was evaluated
+        self.last_results = None  # of the last pass, if it was evaluated
 
     @property
     def pgd_name(self):
@@ -79,8 +85,9 @@ class RobustnessEvaluation(keras.callbacks.Callback):
         self.last_results = None
 
     def on_epoch_end(self, epoch, logs=None):
-        last_epoch = epoch + 1 == self.params.get("epochs")
-        if (epoch + 1) % self.every and not last_epoch:
+        # Keras's epoch is a pass; params["epochs"] is the number of passes.
+        last_pass = epoch + 1 == self.params.get("epochs")
+        if (epoch + 1) % self.every and not last_pass:
             return
         results = self.last_results = self.evaluate()
         if logs is not None:
@@ -95,7 +102,7 @@ class RobustnessEvaluation(keras.callbacks.Callback):
         self.writer.flush()
         if self.verbose:
             print(
-                f"\nepoch {epoch + 1}: clean {results['clean_accuracy']:.4f}, "
+                f"\npass {epoch + 1}: clean {results['clean_accuracy']:.4f}, "
                 f"{self.attack_label} {results[self.pgd_name + '_accuracy']:.4f} "
                 f"(ε={self.epsilon:.4g}), {minutes:.1f} min"
             )

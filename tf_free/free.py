@@ -9,6 +9,9 @@ logits, and train it with `compile()` and `fit()` like any Keras model.
 
 from __future__ import annotations
 
+import inspect
+import math
+
 import keras
 import tensorflow as tf
 
@@ -35,6 +38,7 @@ class _AdversarialModel(keras.Model):
         self.base_model = base_model
         self.clip_min = float(clip_min)
         self.clip_max = float(clip_max)
+        self._xla_per_replica = False
 
     def call(self, inputs, training=False):
         return self.base_model(inputs, training=training)
@@ -50,12 +54,36 @@ class _AdversarialModel(keras.Model):
         the all-reduce and the optimizer update outside XLA, so it works
         under MirroredStrategy and MultiWorkerMirroredStrategy.
         """
-        self.xla_per_replica = jit_compile == "per_replica"
-        super().compile(*args, jit_compile=False if self.xla_per_replica else jit_compile, **kwargs)
+        self._xla_per_replica = jit_compile == "per_replica"
+        super().compile(
+            *args, jit_compile=False if self._xla_per_replica else jit_compile, **kwargs
+        )
+
+    @property
+    def xla_per_replica(self) -> bool:
+        """Compiled with `jit_compile="per_replica"` (and XLA not disabled since)."""
+        return self._xla_per_replica
+
+    def uses_xla(self) -> bool:
+        """Whether XLA compiles the train step, or each replica's part of it.
+
+        True with Keras's `jit_compile=True` (the whole step) and with
+        `jit_compile="per_replica"`.
+        """
+        return self.jit_compile is True or self._xla_per_replica
+
+    def disable_xla(self) -> None:
+        """Runs the train step without XLA from now on (e.g. after XLA failed to compile it).
+
+        A train function made before (Keras's `make_train_function`, or
+        `tf_free.loop`'s) still holds the compiled step: make it again.
+        """
+        self.jit_compile = False
+        self._xla_per_replica = False
 
     def _per_replica(self, fn):
         """`fn` as it runs on each replica: XLA-compiled with "per_replica"."""
-        return self._xla(fn.__name__) if getattr(self, "xla_per_replica", False) else fn
+        return self._xla(fn.__name__) if self._xla_per_replica else fn
 
     def _xla(self, name):
         # One compiled function per method, made once (the m replays share
@@ -168,8 +196,9 @@ class FreeAdversarialModel(_AdversarialModel):
     def build_perturbation(self, batch_shape) -> tf.Variable:
         """Creates δ = 0 of shape [per-replica batch, *image shape], if absent.
 
-        `fit` calls this with the first batch's shape; call it yourself only
-        when driving `train_step` from your own loop.
+        `fit` and `train_on_batch` call this with the first batch's shape; call
+        it yourself when driving `train_step` from your own loop (as
+        `tf_free.loop` does), or before `fit` on inputs whose shape it cannot read.
         """
         batch_shape = tf.TensorShape(batch_shape)
         if self.perturbation is not None:
@@ -199,21 +228,71 @@ class FreeAdversarialModel(_AdversarialModel):
         self._perturbation = _Perturbation(variable, self.distribute_strategy)
         return variable
 
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Keras peeks at the first batch here before it traces train_step
-        # (keras/src/backend/tensorflow/trainer.py); δ needs that batch's
-        # per-replica shape, which the traced step only knows as [None, ...].
-        if data_batch is None and iterator is not None:
-            for _, _, batches in iterator:
-                data_batch = next(batches)
-                break
-        if data_batch is not None:
-            x = keras.utils.unpack_x_y_sample_weight(data_batch)[0]
-            x = self.distribute_strategy.experimental_local_results(x)[0]
-            self.build_perturbation(x.shape)
-        super()._maybe_symbolic_build(
-            iterator=iterator, data_batch=None if iterator else data_batch
-        )
+    def fit(self, *args, **kwargs):
+        """Keras's `fit`, after creating δ from the shape of the first batch.
+
+        Takes Keras's arguments. δ gets the first batch's per-replica shape, read
+        from arrays (with `batch_size`, 32 by default), a `tf.data.Dataset` (its
+        first element), a `tf.distribute.DistributedDataset`, a
+        `keras.utils.PyDataset` (`x[0]`) or a Python generator (its first batch,
+        which is then trained on as usual). For other inputs, call
+        `build_perturbation` first. A later `fit` may use batches as large as
+        the first one, not larger.
+        """
+        call = inspect.signature(super().fit).bind(*args, **kwargs)
+        x = call.arguments.get("x")
+        if inspect.isgenerator(x):
+            first = next(x)
+            call.arguments["x"] = _prepend(first, x)  # the peeked batch is trained on
+            self.build_perturbation(self._split_shape(_images(first).shape))
+        else:
+            shape = self._first_batch_shape(x, call.arguments)
+            if shape is not None:
+                self.build_perturbation(shape)
+            elif self.perturbation is None:
+                raise ValueError(
+                    f"FreeAdversarialModel.fit cannot read the batch shape of a "
+                    f"{type(x).__name__}: call build_perturbation((per-replica batch, "
+                    "*image shape)) first"
+                )
+        return super().fit(*call.args, **call.kwargs)
+
+    def train_on_batch(self, x, y=None, *args, **kwargs):
+        """Keras's `train_on_batch`, after creating δ of `x`'s shape.
+
+        Under tf.distribute each replica then takes the whole of `x`, as Keras does.
+        """
+        self.build_perturbation(keras.ops.shape(x))
+        return super().train_on_batch(x, y, *args, **kwargs)
+
+    def _first_batch_shape(self, x, arguments) -> tf.TensorShape | None:
+        """Per-replica shape of the first batch `fit` will train on (None: unknown)."""
+        if isinstance(x, (tf.data.Dataset, tf.distribute.DistributedDataset)):
+            if isinstance(x, tf.data.Dataset):  # distributed as fit distributes it
+                x = self.distribute_strategy.experimental_distribute_dataset(x.take(1))
+            images = _images(next(iter(x)))
+            return self.distribute_strategy.experimental_local_results(images)[0].shape
+        if isinstance(x, keras.utils.PyDataset):
+            return self._split_shape(_images(x[0]).shape)
+        if hasattr(x, "shape"):  # arrays, batched as keras.Model.fit batches them
+            rows = int(x.shape[0])
+            split = arguments.get("validation_split")
+            if split and arguments.get("validation_data") is None:
+                rows = int(math.floor(rows * (1.0 - split)))  # the training part
+            batch_size = arguments.get("batch_size")
+            steps = arguments.get("steps_per_epoch")
+            if batch_size is None:
+                batch_size = math.ceil(rows / steps) if steps else 32
+            return self._split_shape([min(batch_size, rows), *x.shape[1:]])
+        return None
+
+    def _split_shape(self, global_shape) -> tf.TensorShape:
+        """The first replica's part of a global batch of this shape, as `fit` splits it."""
+        global_shape = tf.TensorShape(global_shape)
+        rows = tf.data.Dataset.from_tensors(tf.zeros([global_shape[0]]))  # only rows are split
+        split = next(iter(self.distribute_strategy.experimental_distribute_dataset(rows)))
+        local = self.distribute_strategy.experimental_local_results(split)[0]
+        return tf.TensorShape([local.shape[0], *global_shape[1:]])
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -370,7 +449,54 @@ class PGDAdversarialModel(_AdversarialModel):
         }
 
 
-class _Perturbation(tf.__internal__.tracking.Trackable):
+def _images(batch):
+    """The inputs of a batch (x, y[, sample_weight]) or (x,)."""
+    return keras.utils.unpack_x_y_sample_weight(batch)[0]
+
+
+def _prepend(first, rest):
+    """A generator of `first`, then the rest (what `fit` sees of a peeked generator)."""
+    yield first
+    yield from rest
+
+
+# The TensorFlow internal of this module, fenced here: checked on TF 2.21.0 with
+# Keras 3.15.1 (Keras's own TF backend builds on the same internals: its layers
+# are `tf.__internal__.tracking.AutoTrackable`s, keras/src/backend/tensorflow/
+# trackable.py).
+#
+# δ must be checkpointed as every replica's rows (the copies of the ON_READ
+# variable differ: each replica holds the δ of its own part of the batch) and
+# restored under another replica count. Only a `tf.__internal__.tracking.
+# Trackable` can say which tensors `tf.train.Checkpoint` saves for it
+# (`_serialize_to_tensors`) and how they are restored (`_restore_from_tensors`).
+# The public ways fail; tried with two MirroredStrategy replicas holding
+# different values:
+# - the ON_READ `tf.Variable` itself in the checkpoint (as an attribute, or in
+#   a `tf.Module`): TF saves the MEAN over the replicas, in the per-replica
+#   shape, so the replicas' δ are lost, and restoring under another replica
+#   count fails ("Received incompatible tensor with shape (4, 2) when
+#   attempting to restore variable with shape (8, 2)");
+# - the same with a changing batch dimension (shape=[None, ...]): the MEAN is
+#   saved too, and restored under one replica it silently gives a δ of 4 rows
+#   where the global batch has 8;
+# - one global variable of [global batch, ...] (shape=[None, ...]; created in
+#   the strategy's scope, so a MirroredVariable) that each replica writes its
+#   rows of, by slice assignment or `scatter_update`: the replicas' copies
+#   diverge, and the checkpoint holds replica 0's copy only;
+# - `tf.train.experimental.PythonState`: δ goes through a host string
+#   (`.ATTRIBUTES/py_state`), not the float tensor
+#   `model/_perturbation/.ATTRIBUTES/global_perturbation` that the checkpoints
+#   of existing runs hold, so they would no longer restore;
+# - Keras 3's `save_own_variables`/`load_own_variables` serve `.weights.h5` and
+#   `.keras` files: `tf.train.Checkpoint` never calls them.
+# (Not tried: a public global copy kept in sync by `loop.TrainState` before a
+# save and after a restore; a plain `tf.train.Checkpoint(model=...)`, as in
+# tests/test_distribute.py, would then save a stale δ and restore none.)
+_InternalTrackable = tf.__internal__.tracking.Trackable
+
+
+class _Perturbation(_InternalTrackable):
     """Checkpoints δ as one global tensor: the replicas' δ stacked in replica order.
 
     A checkpoint of the ON_READ variable itself would store the MEAN over

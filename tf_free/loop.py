@@ -10,9 +10,15 @@ holding everything a resumed run needs:
 
 - the model's weights, the optimizer's slots and `iterations` (so the
   learning-rate schedule continues), δ for every replica (`free._Perturbation`);
-- the epoch, the number of batches done in it (the data order of an epoch is
-  a function of the seed and the epoch: `data.build_dataset(epoch=, skip=)`),
-  and the training time so far.
+- the pass over the data, the number of batches done in it (the data order of
+  a pass is a function of the seed and the pass: `data.build_dataset(epoch=,
+  skip=)`), and the training time so far.
+
+Words: the budget is in natural epochs; a pass is one sweep over the data, of
+`batches_per_pass` batches; an iteration is one optimizer step, so free
+training's m replays of a batch are m iterations. Keras's callbacks keep their
+own words: `on_epoch_begin(epoch)` is called once per pass, and
+`params["epochs"]` is the number of passes.
 
 TensorFlow writes a checkpoint's files first and then, atomically, the
 `checkpoint` index that names the latest one, so a kill mid-save leaves the
@@ -68,18 +74,25 @@ def weights_fingerprint(model: keras.Model) -> str:
 
 
 class TrainState:
-    """The model, the optimizer and where training is, as one checkpoint."""
+    """The model, the optimizer and where training is, as one checkpoint.
+
+    `passes_done` passes are complete and `batches_done` batches of the next
+    one; `seconds` of training so far. In the checkpoint they keep the keys
+    of the first runs' checkpoints (`epoch`, `batch_in_epoch`, `train_seconds`),
+    which therefore still restore.
+    """
 
     def __init__(self, model: keras.Model, directory: str, strategy, max_to_keep: int = 2):
         self.model = model
-        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        self.batch = tf.Variable(0, dtype=tf.int64, trainable=False, name="batch_in_epoch")
+        self.passes_done = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        self.batches_done = tf.Variable(0, dtype=tf.int64, trainable=False, name="batch_in_epoch")
         self.seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="train_seconds")
         self.checkpoint = tf.train.Checkpoint(
             model=model,
             optimizer=model.optimizer,
-            epoch=self.epoch,
-            batch_in_epoch=self.batch,
+            # Checkpoint keys: unchanged, or existing runs no longer resume.
+            epoch=self.passes_done,
+            batch_in_epoch=self.batches_done,
             train_seconds=self.seconds,
         )
         self.directory = directory
@@ -90,6 +103,16 @@ class TrainState:
         if not self.chief:
             write_dir = os.path.join(directory, f".worker-{strategy.cluster_resolver.task_id}")
         self.manager = tf.train.CheckpointManager(self.checkpoint, write_dir, max_to_keep)
+
+    # HANDOVER ALIASES: tf_free/experiment.py still reads `state.epoch` and
+    # `state.batch`; remove these two once it reads `passes_done`/`batches_done`.
+    @property
+    def epoch(self) -> tf.Variable:
+        return self.passes_done
+
+    @property
+    def batch(self) -> tf.Variable:
+        return self.batches_done
 
     @property
     def latest(self) -> str | None:
@@ -110,12 +133,15 @@ class TrainState:
             ) from e
         return True
 
-    def save_at(self, epoch: int, batch: int, started: float | None = None) -> float:
-        """Checkpoints "`batch` batches of `epoch` done"; adds the time since `started`."""
+    def save_at(self, passes_done: int, batches_done: int, started: float | None = None) -> float:
+        """Checkpoints "`passes_done` passes and `batches_done` batches of the next done".
+
+        Adds the time since `started` to `seconds`; returns the time after saving.
+        """
         if started is not None:
             self.seconds.assign_add(time.time() - started)
-        self.epoch.assign(epoch)
-        self.batch.assign(batch)
+        self.passes_done.assign(passes_done)
+        self.batches_done.assign(batches_done)
         self.save()
         return time.time()
 
@@ -141,26 +167,36 @@ def fit(
     make_dataset: Callable[[int, int], tf.data.Dataset],
     *,
     strategy: tf.distribute.Strategy,
-    epochs: int,
-    steps_per_epoch: int,
+    passes: int | None = None,
+    batches_per_pass: int | None = None,
     state: TrainState,
-    total_steps: int | None = None,
+    total_batches: int | None = None,
     callbacks: list[keras.callbacks.Callback] = (),
     checkpoint_every: int = 0,
     verbose: int = 1,
     log_names: dict[str, str] | None = None,
+    # HANDOVER ALIASES: tf_free/experiment.py still calls fit(epochs=,
+    # steps_per_epoch=, total_steps=); remove these three (and `_one_of`) once
+    # it passes passes=, batches_per_pass=, total_batches=.
+    epochs: int | None = None,
+    steps_per_epoch: int | None = None,
+    total_steps: int | None = None,
 ) -> keras.callbacks.History:
-    """Trains from where `state` stands to `epochs` epochs; checkpoints as it goes.
+    """Trains from where `state` stands to `passes` passes; checkpoints as it goes.
 
     Args:
-      make_dataset: (epoch, batches to skip) -> that epoch's dataset of global
+      make_dataset: (pass, batches to skip) -> that pass's dataset of global
         batches, the same on every worker (the strategy shards it).
-      epochs: passes over the data.
-      steps_per_epoch: batches in a whole pass.
-      state: restored (or fresh) `TrainState`; saved at the end of every epoch
-        and every `checkpoint_every` batches (0: epoch ends only).
-      total_steps: stop after this many batches in all (the last pass is then
-        partial); default epochs × steps_per_epoch.
+      passes: sweeps over the data (the last may be partial: `total_batches`).
+      batches_per_pass: batches in a whole pass.
+      state: restored (or fresh) `TrainState`; saved at the end of every pass
+        and every `checkpoint_every` batches (0: at the ends of passes only).
+      total_batches: stop after this many batches in all (the last pass is
+        then partial); default passes × batches_per_pass. Each batch is one
+        call of `model.train_step`: free training's m replays of it count as
+        m iterations of the optimizer, not here.
+      callbacks: Keras callbacks, called as Keras's `fit` calls them, with a
+        pass as Keras's epoch.
       log_names: renames the step's outputs for the progress bar, the
         callbacks and History (e.g. {"loss": "adv_loss"}).
 
@@ -168,44 +204,50 @@ def fit(
       TrainingError: the loss became NaN or infinite (the checkpoint before it
         is kept), or a checkpoint could not be written.
     """
+    passes = _one_of("passes", passes, "epochs", epochs)
+    batches_per_pass = _one_of(
+        "batches_per_pass", batches_per_pass, "steps_per_epoch", steps_per_epoch
+    )
+    if total_steps is not None:
+        total_batches = _one_of("total_batches", total_batches, "total_steps", total_steps)
     callback_list = keras.callbacks.CallbackList(
         list(callbacks),
         add_history=True,
         add_progbar=verbose != 0,
         model=model,
         verbose=verbose,
-        epochs=epochs,
-        steps=steps_per_epoch,
+        epochs=passes,
+        steps=batches_per_pass,
     )
 
-    if total_steps is None:
-        total_steps = epochs * steps_per_epoch
+    if total_batches is None:
+        total_batches = passes * batches_per_pass
     log_names = log_names or {}
     train_function = _make_train_function(model, strategy)
-    start_epoch = int(state.epoch)
+    start_pass = int(state.passes_done)
     first_dataset = None
-    if start_epoch < epochs:
-        first_dataset = make_dataset(start_epoch, int(state.batch))
+    if start_pass < passes:
+        first_dataset = make_dataset(start_pass, int(state.batches_done))
         _build_metrics(model, strategy, first_dataset.element_spec)
     model.stop_training = False
     callback_list.on_train_begin()
     logs = {}
-    for epoch in range(start_epoch, epochs):
-        skip = int(state.batch) if epoch == start_epoch else 0
+    for pass_ in range(start_pass, passes):
+        skip = int(state.batches_done) if pass_ == start_pass else 0
         model.reset_metrics()
-        callback_list.on_epoch_begin(epoch)
-        dataset = first_dataset if epoch == start_epoch else make_dataset(epoch, 0)
+        callback_list.on_epoch_begin(pass_)
+        dataset = first_dataset if pass_ == start_pass else make_dataset(pass_, 0)
         iterator = iter(_distribute(strategy, dataset))
         started = time.time()
         position = skip
         # The last pass of an iteration budget may stop within the data.
-        steps_this_epoch = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
-        for step in range(skip, steps_this_epoch):
-            callback_list.on_train_batch_begin(step)
+        batches_this_pass = min(batches_per_pass, total_batches - pass_ * batches_per_pass)
+        for batch in range(skip, batches_this_pass):
+            callback_list.on_train_batch_begin(batch)
             try:
                 logs = train_function(iterator)
             except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
-                if not (_uses_xla(model) and step == skip and epoch == start_epoch):
+                if not (_uses_xla(model) and batch == skip and pass_ == start_pass):
                     raise
                 # XLA's compile error comes before the step changes any state;
                 # only the batch was taken: start the pass's iterator again.
@@ -213,46 +255,65 @@ def fit(
                     "XLA cannot compile this train step (%s); training goes on without XLA.",
                     str(e).strip().splitlines()[0][:300],
                 )
-                model.jit_compile, model.xla_per_replica = False, False
+                _disable_xla(model)
                 train_function = _make_train_function(model, strategy)
-                iterator = iter(_distribute(strategy, make_dataset(epoch, skip)))
+                iterator = iter(_distribute(strategy, make_dataset(pass_, skip)))
                 logs = train_function(iterator)
             logs = {k: float(v) for k, v in logs.items()}
             if not math.isfinite(logs["loss"]):
                 raise TrainingError(
-                    f"the training loss is {logs['loss']} at epoch {epoch + 1}, batch "
-                    f"{step + 1} (iteration {iterations(model)}); stopped. "
+                    f"the training loss is {logs['loss']} at pass {pass_ + 1}, batch "
+                    f"{batch + 1} (iteration {iterations(model)}); stopped. "
                     f"The last good checkpoint is kept: {state.latest or 'none'}."
                 )
             logs = {log_names.get(k, k): v for k, v in logs.items()}
-            position = step + 1
+            position = batch + 1
             if (
                 checkpoint_every
                 and position % checkpoint_every == 0
-                and position < steps_this_epoch
+                and position < batches_this_pass
             ):
-                started = state.save_at(epoch, position, started)
-            callback_list.on_train_batch_end(step, logs)
+                started = state.save_at(pass_, position, started)
+            callback_list.on_train_batch_end(batch, logs)
             if model.stop_training:
                 break
         state.seconds.assign_add(time.time() - started)
-        # Evaluation and TensorBoard first, then the epoch's checkpoint: a run
-        # killed in between redoes the epoch's end, so its summaries are
+        # Evaluation and TensorBoard first, then the pass's checkpoint: a run
+        # killed in between redoes the pass's end, so its summaries are
         # written once, never skipped.
-        callback_list.on_epoch_end(epoch, logs)
-        if position == steps_this_epoch:
-            state.save_at(epoch + 1, 0)
+        callback_list.on_epoch_end(pass_, logs)
+        if position == batches_this_pass:
+            state.save_at(pass_ + 1, 0)
         else:  # stopped by a callback
-            state.save_at(epoch, position)
+            state.save_at(pass_, position)
         if model.stop_training:
             break
     callback_list.on_train_end(logs)
-    logging.info("training done: epoch %d, %d iterations", int(state.epoch), iterations(model))
+    logging.info(
+        "training done: %d pass(es), %d iterations", int(state.passes_done), iterations(model)
+    )
     return model.history
 
 
+def _one_of(name, value, old_name, old_value):
+    # HANDOVER: goes with fit's aliases above.
+    if (value is None) == (old_value is None):
+        raise TypeError(f"fit() takes {name}= (or, for now, {old_name}=), exactly one of them")
+    return old_value if value is None else value
+
+
 def _uses_xla(model) -> bool:
-    return model.jit_compile is True or getattr(model, "xla_per_replica", False)
+    """XLA compiles (part of) the step: a tf_free model's `uses_xla()`, else Keras's jit_compile."""
+    if hasattr(model, "uses_xla"):  # FreeAdversarialModel, PGDAdversarialModel
+        return model.uses_xla()
+    return model.jit_compile is True  # a plain keras.Model (natural training)
+
+
+def _disable_xla(model) -> None:
+    if hasattr(model, "disable_xla"):
+        model.disable_xla()
+    else:
+        model.jit_compile = False
 
 
 def _make_train_function(model, strategy):

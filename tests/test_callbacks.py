@@ -1,0 +1,182 @@
+"""RobustnessEvaluation (tf_free/callbacks.py) against an independent computation."""
+
+import glob
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+from test_free import compile_model, make_base, make_batches
+
+from tf_free import attacks, callbacks, loop
+
+EPSILON, STEP_SIZE, STEPS, SEED = 0.05, 0.02, 3, 7
+EVAL_SIZES = (16, 16, 8)  # 40 examples; a short last batch
+
+
+def _eval_data():
+    batches = make_batches(EVAL_SIZES, seed=11)
+    x = np.concatenate([b[0] for b in batches])
+    y = np.concatenate([b[1] for b in batches])
+    return x, y, tf.data.Dataset.from_tensor_slices((x, y)).batch(EVAL_SIZES[0])
+
+
+def _train_dataset():
+    batches = make_batches((16, 16))
+    x = np.concatenate([b[0] for b in batches])
+    y = np.concatenate([b[1] for b in batches])
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+
+
+def _evaluation(tmp_path, **kwargs):
+    _, _, dataset = _eval_data()
+    options = dict(epsilon=EPSILON, step_size=STEP_SIZE, steps=STEPS, seed=SEED, verbose=False)
+    return callbacks.RobustnessEvaluation(
+        dataset, log_dir=str(tmp_path / "logs"), **{**options, **kwargs}
+    )
+
+
+def _independent_accuracies(model, attack):
+    """Clean and attacked accuracy, batch by batch with plain numpy counting."""
+    x, y, _ = _eval_data()
+    clean = robust = 0
+    for start in range(0, len(y), EVAL_SIZES[0]):
+        images = tf.constant(x[start : start + EVAL_SIZES[0]])
+        labels = tf.constant(y[start : start + EVAL_SIZES[0]])
+        clean += int(np.sum(np.argmax(model(images).numpy(), -1) == labels.numpy()))
+        adversarial = attack(model, images, labels)
+        robust += int(np.sum(np.argmax(model(adversarial).numpy(), -1) == labels.numpy()))
+    return clean / len(y), robust / len(y)
+
+
+class _Spy(keras.callbacks.Callback):
+    """After each pass: the evaluation's `last_results` and the logs (it comes before)."""
+
+    def __init__(self, evaluation):
+        super().__init__()
+        self.evaluation = evaluation
+        self.seen = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        results = self.evaluation.last_results
+        self.seen.append((epoch, None if results is None else dict(results), dict(logs)))
+
+
+def _tensors(log_dir):
+    """{tag: [(step, value)]} of the summaries in the event files of `log_dir`."""
+    found = {}
+    for path in sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))):
+        events = event_accumulator.EventAccumulator(path, size_guidance={"tensors": 0})
+        events.Reload()
+        for tag in events.Tags()["tensors"]:
+            found.setdefault(tag, []).extend(
+                (e.step, tf.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)
+            )
+    return found
+
+
+@pytest.mark.parametrize("attack", ["pgd", "apgd-ce"])
+def test_accuracies_equal_an_independent_computation(attack, tmp_path):
+    model = compile_model(make_base())
+    evaluation = _evaluation(tmp_path, attack=attack)
+    history = model.fit(
+        _train_dataset(), epochs=1, verbose=0, shuffle=False, callbacks=[evaluation]
+    )
+
+    if attack == "pgd":
+        name = f"pgd{STEPS}_accuracy"
+
+        def reference_attack(m, images, labels):
+            return attacks.pgd(
+                m, images, labels, epsilon=EPSILON, step_size=STEP_SIZE, steps=STEPS, seed=SEED
+            )
+    else:
+        name = f"apgd_ce{STEPS}_accuracy"
+
+        def reference_attack(m, images, labels):
+            return attacks.apgd(m, images, labels, epsilon=EPSILON, steps=STEPS, seed=SEED)
+
+    clean, robust = _independent_accuracies(model, reference_attack)
+    assert set(evaluation.last_results) == {"clean_accuracy", name}
+    assert evaluation.last_results["clean_accuracy"] == clean
+    assert evaluation.last_results[name] == robust
+    assert 0 < robust < clean  # the attack fools some examples: the two are told apart
+    # Fractions, and in the pass's logs (so in History) under val_.
+    assert history.history["val_clean_accuracy"] == [clean]
+    assert history.history[f"val_{name}"] == [robust]
+    assert evaluation.evaluate() == evaluation.last_results  # deterministic: fixed seed
+
+
+def test_evaluates_every_k_passes_and_after_the_last_and_writes_tensorboard(tmp_path):
+    """Through `loop.fit`, as the application runs it: 5 passes, every=2."""
+    model = compile_model(make_base())
+    model.optimizer.build(model.trainable_variables)
+    evaluation = _evaluation(tmp_path, every=2, previous_seconds=600.0)
+    spy = _Spy(evaluation)
+    strategy = tf.distribute.get_strategy()
+    loop.fit(
+        model,
+        lambda pass_, skip: _train_dataset().skip(skip),
+        strategy=strategy,
+        passes=5,
+        batches_per_pass=2,
+        state=loop.TrainState(model, str(tmp_path / "checkpoints"), strategy),
+        callbacks=[evaluation, spy],
+        verbose=0,
+    )
+    evaluated = [epoch for epoch, results, _ in spy.seen if results is not None]
+    assert evaluated == [1, 3, 4]  # passes 2 and 4, and the last (5)
+    for _, results, logs in spy.seen:
+        if results is None:
+            assert not any(k.startswith("val_") for k in logs)
+        else:
+            assert {k: logs[f"val_{k}"] for k in results} == results
+
+    scalars = _tensors(str(tmp_path / "logs" / "robustness"))
+    name = f"robustness/pgd{STEPS}_accuracy"
+    assert {
+        "robustness/clean_accuracy",
+        name,
+        "robustness/wall_time_minutes",
+        "robustness/iterations",
+        "adversarial_examples",
+    } <= set(scalars)
+    # Step = passes done; one value per evaluation, none in between.
+    for tag in ("robustness/clean_accuracy", name, "robustness/iterations"):
+        assert [step for step, _ in scalars[tag]] == [2, 4, 5], tag
+    by_pass = {epoch + 1: results for epoch, results, _ in spy.seen if results is not None}
+    for step, value in scalars["robustness/clean_accuracy"]:
+        assert value == np.float32(by_pass[step]["clean_accuracy"])
+    for step, value in scalars[name]:
+        assert value == np.float32(by_pass[step][f"pgd{STEPS}_accuracy"])
+    # Optimizer steps so far: 2 batches a pass.
+    assert [int(v) for _, v in scalars["robustness/iterations"]] == [4, 8, 10]
+    # Training time counts the 10 minutes before a resume.
+    minutes = [float(v) for _, v in scalars["robustness/wall_time_minutes"]]
+    assert all(10.0 <= m < 15.0 for m in minutes) and minutes == sorted(minutes)
+    # Clean | attacked | perturbation, side by side, for the first examples.
+    # (tf.summary.image's tensor: width, height, then the 8 encoded images.)
+    assert [step for step, _ in scalars["adversarial_examples"]] == [2, 4, 5]
+    grid = scalars["adversarial_examples"][-1][1]
+    assert grid.shape == (2 + 8,) and list(grid[:2]) == [b"24", b"8"]
+
+
+def test_last_results_are_cleared_when_a_pass_is_not_evaluated(tmp_path):
+    model = compile_model(make_base())
+    evaluation = _evaluation(tmp_path, every=3)
+    spy = _Spy(evaluation)
+    model.fit(_train_dataset(), epochs=2, verbose=0, shuffle=False, callbacks=[evaluation, spy])
+    # Pass 2 is the last one: evaluated although 2 is not a multiple of 3.
+    assert [results is not None for _, results, _ in spy.seen] == [False, True]
+    assert evaluation.last_results is not None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(every=0), "every must be >= 1"), (dict(attack="fgsm"), "attack must be one of")],
+)
+def test_bad_arguments_are_rejected(kwargs, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        _evaluation(tmp_path, **kwargs)
