@@ -22,7 +22,6 @@ workers=$1
 shift
 python=${PYTHON:-python}
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # Free ports, chosen by the OS.
 mapfile -t ports < <("$python" - "$workers" <<'EOF'

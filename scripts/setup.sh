@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sourced by run.sh and test.sh (or by hand: `source scripts/setup.sh`): makes a fresh machine
-# ready, from the repo's files only, then activates the venv, sets PYTHONPATH and cds to the repo.
+# ready, from the repo's files only (the venv, the pinned requirements, tf_free installed
+# editable), then activates the venv and cds to the repo.
 # Idempotent: a second run only checks.
 #
 # The steps run with `set -euo pipefail` in a subshell, so a failing step ends the setup, not
@@ -32,25 +33,23 @@ set +e
     python3 -m venv "$VENV"
   fi
   STAMP="$VENV/.requirements.sha256"
-  WANT="$(sha256sum "$REPO/requirements.txt" | cut -d' ' -f1)"
+  WANT="$(cat "$REPO/requirements.txt" "$REPO/pyproject.toml" | sha256sum | cut -d' ' -f1)"
   if [[ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]]; then
     echo "setup: installing requirements.txt (a few minutes the first time)" >&2
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -r "$REPO/requirements.txt"
+    # 3. The project itself, editable: `import tf_free` works from any folder.
+    "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$REPO"
     echo "$WANT" >"$STAMP"
   fi
 )
 _tf_free_setup_status=$?
 
-# 3. The caller's shell: venv, PYTHONPATH (once), TF's C++ logs quiet, the repo as cwd.
+# 4. The caller's shell: the venv, TF's C++ logs quiet, the repo as cwd.
 if [[ $_tf_free_setup_status == 0 ]]; then
   _tf_free_setup_repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" &&
     # shellcheck disable=SC1091
     source "${TF_FREE_VENV:-$_tf_free_setup_repo/.venv}/bin/activate" &&
-    case ":${PYTHONPATH:-}:" in
-      *":$_tf_free_setup_repo:"*) ;;
-      *) export PYTHONPATH="$_tf_free_setup_repo${PYTHONPATH:+:$PYTHONPATH}" ;;
-    esac &&
     export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}" &&
     cd "$_tf_free_setup_repo"
   _tf_free_setup_status=$?

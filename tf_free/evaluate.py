@@ -17,8 +17,8 @@ import sys
 
 from absl import app, flags
 
+from tf_free import cli, data, evaluation, export, run_folder, run_lock
 from tf_free import config as config_lib
-from tf_free import data, evaluation, export, run_folder, run_lock
 
 flags.DEFINE_string("model_dir", None, "A tf_free.train run folder.")
 flags.DEFINE_string("saved_model", None, "A SavedModel exported by tf_free (its `serve` endpoint).")
@@ -209,6 +209,7 @@ def evaluate(f=FLAGS) -> dict:
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"tf_free.evaluate: error: unexpected arguments {argv[1:]}")
+    cli.quiet_logs()
     try:
         evaluate()
     except (config_lib.ConfigError, data.DataError, export.ExportError, OutputError) as e:

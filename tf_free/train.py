@@ -9,8 +9,8 @@ import sys
 import tensorflow as tf
 from absl import app, flags, logging
 
+from tf_free import cli, data, dry_run, experiment, export, loop, run_folder
 from tf_free import config as config_lib
-from tf_free import data, dry_run, experiment, export, loop, run_folder
 
 # One flag per setting, declared with its help and bounds in tf_free.config.
 config_lib.define_flags(flags.FLAGS)
@@ -31,6 +31,7 @@ def config_from_flags() -> config_lib.TrainConfig:
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"tf_free.train: error: unexpected arguments {argv[1:]}")
+    cli.quiet_logs()
     try:
         config = config_from_flags()
         if FLAGS.dry_run:
