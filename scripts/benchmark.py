@@ -1,61 +1,66 @@
-"""Times natural, free (Alg. 2) and K-PGD (Alg. 1) training on one model, in one process.
+"""Times natural, free (Alg. 2) and K-PGD (Alg. 1) training as `tf_free.train` runs them.
 
     python scripts/benchmark.py --model=small_cnn --batch_size=128 --m=8
     python scripts/benchmark.py --model=preact_resnet18 --batch_size=64 --m=4 --jit_compile=both
 
-Every method trains the same architecture (fresh weights from the same seed) on the same
-synthetic data: random uniform images in [0, 1] and random labels, held in memory and
-repeated by tf.data, so input cost is negligible. Each method is built, compiled and warmed
-up (the warm-up `fit` includes tracing and XLA compilation and is not timed); then the
-methods are timed round-robin, `--repeats` `fit` calls of `--iterations` batches each, with
-the order rotated every repeat so that background load hits all of them alike. A step is
-timed from `on_train_batch_begin` to `on_train_batch_end` (which waits for the step's
-results), so `fit`'s per-call set-up is left out. The table gives the median and the best
-repeat; on a shared machine the best is the steadier estimate of the ratios.
+What is timed is what `tf_free.train` builds and runs. The flags make a `TrainConfig`;
+`tf_free.runtime` makes the strategy, seeds and dtype policy; `experiment.build_trainer`
+builds the compiled model and optimizer (the same model, step sizes, optimizer, mixed
+precision and XLA rule as a run: PGD training steps 2.5ε/K unless --pgd_step_size); and a
+step is one call of the train function of `tf_free.loop`, `strategy.run(model.train_step)`
+on the next global batch. A line per method prints what was built (model class, parameters,
+step sizes, XLA mode), read from those objects.
+
+Only the data are the benchmark's: random uniform images in [0, 1] of the dataset's shape
+(--dataset, by default the model's usual one) and random labels, held in memory and repeated
+by tf.data, so input cost is negligible. Each method is built and warmed up (--warmup steps,
+which include tracing and XLA compilation, not timed); then the methods are timed
+round-robin, --repeats rounds of --iterations steps each, with the order rotated every round
+so that background load hits all of them alike. A step is timed from the call of the train
+function until its outputs are Python floats (as the loop converts them), which waits for
+the step to finish, also on a GPU. Steps are timed, not whole `fit` calls: the loop's
+callbacks and checkpoints are left out. The table gives the median and the best round; on a
+shared machine the best is the steadier estimate of the ratios.
 
 One ITERATION is one optimizer step. Natural and PGD training make one per batch; free
 training replays each batch m times and makes m per batch, so its time per iteration is its
 time per batch / m. Images/s counts images through a training forward/backward pass:
 iterations x batch / time. The paper's claims are free/natural ≈ 1 per iteration and
-K-PGD/natural ≈ K + 1. Free training runs m steps per call of the compiled function and
-natural training one, so with small models the per-call dispatch (about a millisecond)
-flatters free training; `--steps_per_execution=m` evens that out.
+K-PGD/natural ≈ K + 1. A call of the train function runs m steps of free training and one
+of natural training, so with small models the fixed cost of a call flatters free training.
 
-Runs unchanged on GPUs: GPUs are only listed for information and, when present, used for
-the memory column (peak `tf.config.experimental.get_memory_info("GPU:0")` while the method
-is built and warmed up). On CPU the column is how much the process's resident memory grew
-while the method was built and warmed up: approximate, since memory freed by one method is
-reused by the next. `build_strategy` is the hook for other tf.distribute strategies.
+Memory column: on GPUs the peak `tf.config.experimental.get_memory_info("GPU:0")` while the
+method is built and warmed up; on CPU how much the process's resident memory grew meanwhile
+(approximate: memory freed by one method is reused by the next).
 
 Scaling over replicas (weak scaling):
 
     python scripts/benchmark.py --strategy=mirrored --replicas=all --model=preact_resnet18 \
         --batch_size=64 --m=4 --jit_compile=both
 
-times every replica count R in `--replicas` (`all`: 1..number of GPUs, or of `--cpu_devices`
+times every replica count R in --replicas (`all`: 1..number of GPUs, or of --cpu_devices
 logical CPUs on a machine without GPUs) under a MirroredStrategy over the first R devices.
-`--batch_size` is then the PER-REPLICA batch: the global batch is batch_size x R, so each
+--batch_size is then the PER-REPLICA batch: the global batch is batch_size x R, so each
 device does the same work at every R. Scaling efficiency = images/s(R) / (R x images/s(1))
-(relative to the smallest R given if 1 is not), per method and XLA setting; the Markdown
-table goes to stdout and to `--json_out`. The methods are interleaved within each replica
-count, but the replica counts run one after another, so on a shared machine a change of
-background load between them shows up in the efficiency (each result records the load).
+(relative to the smallest R given if 1 is not), per method and XLA mode; the Markdown table
+goes to stdout and to --json_out. The methods are interleaved within each replica count, but
+the replica counts run one after another, so on a shared machine a change of background load
+between them shows up in the efficiency (each result records the load).
 
-XLA under several replicas: Keras's `jit_compile=True` compiles the whole train step, all-
-reduce included, and fails under MirroredStrategy with more than one replica. So "XLA on"
-means `jit_compile="per_replica"` for free and PGD training (each replica's forward/backward
-and attack XLA-compiled, the all-reduce outside XLA); in scaling runs at every R, 1
-included, so that every R runs the same code. Natural training is a plain Keras model,
-which cannot be compiled per replica: with XLA on it is timed (whole step) at one replica
-only, and at R > 1 only its XLA-off rows exist.
+XLA follows `tf_free.runtime.resolve_jit`: with one replica Keras compiles the whole step;
+with several, free and PGD training compile each replica's forward/backward and attack
+("per replica", the all-reduce outside XLA), and natural training (a plain Keras model)
+runs without XLA, so it has no XLA-on row there. One departure, in scaling runs only: free
+and PGD training are compiled per replica at R=1 too, so that every R runs the same code.
 
 Without GPUs the replicas are logical devices of one CPU: they share its cores, and one
 logical device already uses all of them through intra-op threads, so CPU efficiencies say
-next to nothing about multi-GPU scaling (expect about 1/R). Measure on GPUs for that figure.
+next to nothing about multi-GPU scaling. Measure on GPUs for that figure.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -75,44 +80,55 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-# Runnable as `python scripts/benchmark.py` from the repository root without PYTHONPATH.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tf_free import experiment, loop, run_folder, runtime  # noqa: E402
+from tf_free.config import METHODS, PRECISIONS, ConfigError, TrainConfig  # noqa: E402
 
-import tf_free  # noqa: E402
-from tf_free import experiment, models  # noqa: E402
-
-# (height/width, channels, classes) when --image_size/--channels/--num_classes are not given.
-DEFAULT_SHAPES = {
-    "small_cnn": (28, 1, 10),
-    "preact_resnet18": (32, 3, 10),
-    "wide_resnet": (32, 3, 10),
-    "resnet50": (224, 3, 1000),
-    "resnet101": (224, 3, 1000),
-    "resnet152": (224, 3, 1000),
+# The dataset whose shape a model is timed on when --dataset is not given.
+USUAL_DATASETS = {
+    "small_cnn": "fashion_mnist",
+    "preact_resnet18": "cifar10",
+    "wide_resnet": "cifar10",
+    "resnet50": "imagenet2012",
+    "resnet101": "imagenet2012",
+    "resnet152": "imagenet2012",
 }
-METHODS = ("natural", "free", "pgd")
-POLICIES = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+ORDER = ("natural", "free", "pgd")  # table order
 
 FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "small_cnn", "A model of tf_free.train's --model.")
 flags.DEFINE_string(
-    "model",
-    "small_cnn",
-    "A name in tf_free.models.MODELS: small_cnn (28x28x1), preact_resnet18 (32x32x3), ...",
+    "dataset",
+    None,
+    "The dataset whose image shape, classes and normalisation the model is built for "
+    "(default: fashion_mnist for small_cnn, cifar10 for the CIFAR models, imagenet2012 for "
+    "the ResNets). No data are read.",
 )
-flags.DEFINE_integer("image_size", None, "Image height and width (default: the model's).")
-flags.DEFINE_integer("channels", None, "Image channels (default: the model's).")
-flags.DEFINE_integer("num_classes", None, "Number of classes (default: the model's).")
+flags.DEFINE_integer("image_size", None, "Image height and width (default: the dataset's).")
+flags.DEFINE_integer("channels", None, "Image channels (default: the dataset's).")
+flags.DEFINE_integer("num_classes", None, "Number of classes (default: the dataset's).")
 flags.DEFINE_integer(
     "batch_size", 64, "Global batch size; with --replicas, the per-replica batch.", lower_bound=1
 )
 flags.DEFINE_integer("m", 4, "Free training: replays of each minibatch.", lower_bound=1)
 flags.DEFINE_integer("pgd_steps", 7, "PGD training: attack steps K.", lower_bound=1)
 flags.DEFINE_float("epsilon", 8.0, "L-inf budget in 0-255 pixel units.", lower_bound=0)
-flags.DEFINE_float("pgd_step_size", 2.0, "PGD attack step in 0-255 pixel units.", lower_bound=0)
-flags.DEFINE_enum("jit_compile", "true", ["true", "false", "both"], "XLA for the train step.")
-flags.DEFINE_enum("mixed_precision", "none", list(POLICIES), "Keras dtype policy.")
+flags.DEFINE_float(
+    "pgd_step_size",
+    None,
+    "PGD training step in 0-255 pixel units (default 2.5·ε/K, as tf_free.train).",
+)
 flags.DEFINE_enum(
-    "strategy", "default", ["default", "mirrored"], "tf.distribute strategy (see build_strategy)."
+    "jit_compile",
+    "true",
+    ["true", "false", "both"],
+    "XLA, as tf_free.train's --jit_compile (both: time each method with and without).",
+)
+flags.DEFINE_enum("mixed_precision", "none", list(PRECISIONS), "Keras mixed precision.")
+flags.DEFINE_enum(
+    "strategy",
+    "default",
+    ["auto", "default", "mirrored"],
+    "tf.distribute strategy, as tf_free.train's --strategy.",
 )
 flags.DEFINE_list(
     "replicas",
@@ -128,82 +144,128 @@ flags.DEFINE_integer(
     lower_bound=1,
 )
 flags.DEFINE_integer(
-    "warmup", 3, "Untimed batches per method (tracing, XLA compilation).", lower_bound=1
+    "warmup", 3, "Untimed steps per method (tracing, XLA compilation).", lower_bound=1
 )
 flags.DEFINE_integer(
-    "repeats", 3, "Timed fit calls per method; the median is reported.", lower_bound=1
+    "repeats", 3, "Timed rounds per method; the median is reported.", lower_bound=1
 )
-flags.DEFINE_integer("iterations", 4, "Batches (train steps) per timed fit call.", lower_bound=1)
-flags.DEFINE_integer(
-    "steps_per_execution",
-    1,
-    "Keras steps_per_execution for every method (amortises per-call dispatch; must divide "
-    "--warmup and --iterations).",
-    lower_bound=1,
-)
-flags.DEFINE_list("methods", list(METHODS), "Methods to time, a subset of natural,free,pgd.")
+flags.DEFINE_integer("iterations", 4, "Batches (train steps) per timed round.", lower_bound=1)
+flags.DEFINE_list("methods", list(ORDER), "Methods to time, a subset of natural,free,pgd.")
 flags.DEFINE_integer("seed", 0, "Seed for data and weights.")
 flags.DEFINE_integer("data_batches", 4, "Distinct synthetic batches held in memory.", lower_bound=1)
 flags.DEFINE_string("json_out", None, "Also write the configuration and results here as JSON.")
 
 
-def replica_devices() -> list[str]:
-    """The devices replicas run on: the GPUs, else the first --cpu_devices logical CPUs."""
-    devices = tf.config.list_logical_devices("GPU")
-    devices = devices or tf.config.list_logical_devices("CPU")[: FLAGS.cpu_devices]
-    return [d.name for d in devices]
+def dataset_spec(model_name: str):
+    """The `DatasetSpec` the model is built for, with --image_size/--channels/--num_classes."""
+    name = FLAGS.dataset or USUAL_DATASETS.get(model_name)
+    if name is None:
+        raise app.UsageError(f"give --dataset for --model={model_name}")
+    info = experiment.dataset_info(TrainConfig(dataset=name))
+    height, width, channels = info.image_shape
+    size = FLAGS.image_size
+    shape = (size or height, size or width, FLAGS.channels or channels)
+    if None in shape:
+        raise app.UsageError(f"{name} has no fixed image size: give --image_size")
+    changes = dict(image_shape=shape, num_classes=FLAGS.num_classes or info.num_classes)
+    if shape[-1] != channels:  # the dataset's per-channel statistics no longer fit
+        changes.update(mean=None, std=None)
+    return dataclasses.replace(info, **changes)
 
 
-def build_strategy(name: str, replicas: int | None = None) -> tf.distribute.Strategy:
-    """The hook for distributed timing: `default` is one device, `mirrored` the first
-    `replicas` of `replica_devices()` (all of them when `replicas` is None).
+def train_config(method: str, info, batch: int, jit: bool) -> TrainConfig:
+    """The `TrainConfig` tf_free.train would run with these flags."""
+    config = TrainConfig(
+        dataset=info.name,
+        method=method,
+        m=FLAGS.m,
+        epsilon=FLAGS.epsilon,
+        pgd_steps=FLAGS.pgd_steps,
+        pgd_step_size=FLAGS.pgd_step_size,
+        batch_size=batch,
+        model=FLAGS.model,
+        mixed_precision=FLAGS.mixed_precision,
+        jit_compile="true" if jit else "false",
+        strategy=FLAGS.strategy,
+        cpu_devices=FLAGS.cpu_devices,
+        seed=FLAGS.seed,
+        # The budget (hence the learning-rate schedule) is over the synthetic data.
+        train_examples=batch * FLAGS.data_batches,
+    )
+    try:
+        config.validate()
+    except ConfigError as e:
+        raise app.UsageError(str(e)) from e
+    return config
 
-    Models are built and compiled in `strategy.scope()` and `fit` splits the global batch,
-    so another strategy only needs a branch here (and, for multi-worker, a custom loop:
-    Keras 3's `fit` does not work under MultiWorkerMirroredStrategy, keras-team/keras#20585).
+
+def xla_setting(config: TrainConfig, strategy, scaling: bool):
+    """How `config` is compiled (as `runtime.resolve_jit`), or None: not timed.
+
+    Natural training under several replicas has no XLA (resolve_jit turns it off): its
+    XLA-on row would repeat the XLA-off one. Scaling runs compile free and PGD training
+    per replica at R=1 too, so that every R runs the same code.
     """
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy(replica_devices()[:replicas])
-    return tf.distribute.get_strategy()
+    jit = runtime.resolve_jit(config.jit_compile, strategy, config.method)
+    if config.jit_compile == "true" and jit is False:
+        return None
+    if scaling and jit is True and config.method != "natural":
+        return "per_replica"
+    return jit
 
 
-def xla_setting(method, xla, replicas, scaling):
-    """The jit_compile `method` is compiled with in the XLA on/off pass; None: not timed.
+def xla_label(model) -> str:
+    """The XLA mode of a compiled model, from the model itself."""
+    if getattr(model, "xla_per_replica", False):
+        return "per replica"
+    return "whole step" if model.jit_compile is True else "off"
 
-    Keras's jit_compile=True (the whole step) fails under more than one replica; free and
-    PGD training then use "per_replica" (in scaling runs at every R, so all R run the same
-    code). Natural training is a plain Keras model: XLA-compiled at one replica only.
+
+def build(config: TrainConfig, info, strategy, jit) -> experiment.Trainer:
+    """`experiment.build_trainer` after `runtime.set_up`, as tf_free.train builds a run."""
+    runtime.set_up(config)  # seed (fresh weights from the same seed), dtype policy
+    trainer = experiment.build_trainer(config, info, experiment.build_plan(config, info), strategy)
+    if jit != trainer.jit_compile:  # scaling at R=1: per replica (see xla_setting)
+        with strategy.scope():
+            trainer.model.compile(optimizer=trainer.model.optimizer, jit_compile=jit)
+    return trainer
+
+
+def describe(config: TrainConfig, trainer, strategy) -> str:
+    """One line a reader can check: what was built, read from the built objects."""
+    model, base = trainer.model, trainer.base
+    text = (
+        f"built {run_folder.label(config)}: {type(model).__name__}({base.name}), "
+        f"{base.count_params():,} parameters, {type(trainer.optimizer).__name__}, "
+    )
+    if config.method != "natural":
+        replays = f"m={model.replays}" if config.method == "free" else f"K={model.steps}"
+        text += (
+            f"{replays}, ε={255 * model.epsilon:.4g}/255, step {255 * model.step_size:.4g}/255, "
+        )
+    return text + (
+        f"XLA {xla_label(model)}, policy {model.dtype_policy.name}, "
+        f"{strategy.num_replicas_in_sync} replica(s), global batch {config.batch_size}"
+    )
+
+
+def train_function(model, strategy, dataset):
+    """The step of `tf_free.loop.fit` and its iterator over the distributed `dataset`.
+
+    `loop` has no public name for these: its private `_build_metrics`,
+    `_make_train_function` and `_distribute` are used as `fit` uses them.
     """
-    if not xla:
-        return False
-    if method == "natural":
-        return True if replicas == 1 else None
-    return "per_replica" if replicas > 1 or scaling else True
+    loop._build_metrics(model, strategy, dataset.element_spec)
+    step = loop._make_train_function(model, strategy)
+    return step, iter(loop._distribute(strategy, dataset))
 
 
-def xla_label(setting):
-    return {False: "off", True: "whole step", "per_replica": "per replica"}[setting]
-
-
-class BatchTimer(keras.callbacks.Callback):
-    """Wall time of each train step, from on_train_batch_begin to on_train_batch_end.
-
-    Overriding on_train_batch_end makes Keras call it synchronously with the logs turned
-    into Python floats, which waits for the step to finish (also on a GPU).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.times = []
-        self._start = None
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        if logs:
-            float(next(iter(logs.values())))  # already a float; a sync if it is not
-        self.times.append(time.perf_counter() - self._start)
+def run_step(step, iterator) -> float:
+    """Seconds for one step, until its outputs are Python floats (as the loop reads them)."""
+    start = time.perf_counter()
+    for value in step(iterator).values():
+        float(value)
+    return time.perf_counter() - start
 
 
 def _rss_bytes() -> int:
@@ -251,87 +313,37 @@ class PeakMemory:
             self.peak = max(self.peak, _rss_bytes())
 
 
-def input_shape(model_name):
-    size, channels, classes = DEFAULT_SHAPES.get(model_name, (None, None, None))
-    size = FLAGS.image_size or size
-    channels = FLAGS.channels or channels
-    classes = FLAGS.num_classes or classes
-    if None in (size, channels, classes):
-        raise app.UsageError(f"give --image_size, --channels and --num_classes for {model_name}")
-    return (size, size, channels), classes
-
-
-def synthetic_dataset(shape, num_classes, batch_size, num_batches, seed):
+def synthetic_dataset(info, batch_size, num_batches, seed):
     """Random uniform images in [0, 1], random labels; in memory, repeated forever."""
     rng = np.random.default_rng(seed)
     n = batch_size * num_batches
-    images = rng.uniform(0.0, 1.0, size=(n, *shape)).astype("float32")
-    labels = rng.integers(0, num_classes, size=(n,)).astype("int32")
+    images = rng.uniform(0.0, 1.0, size=(n, *info.image_shape)).astype("float32")
+    labels = rng.integers(0, info.num_classes, size=(n,)).astype("int32")
     ds = tf.data.Dataset.from_tensor_slices((images, labels))
     ds = ds.batch(batch_size, drop_remainder=True).cache().repeat()
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def build_trainer(method, shape, num_classes, jit):
-    """A compiled Keras model for `method`, on a fresh base model from the seed."""
-    keras.utils.set_random_seed(FLAGS.seed)
-    base = models.get_model(FLAGS.model, shape, num_classes)
-    eps = FLAGS.epsilon / 255.0
-    if method == "natural":
-        model = base
-    elif method == "free":
-        model = tf_free.FreeAdversarialModel(base, epsilon=eps, replays=FLAGS.m)
-    elif method == "pgd":
-        model = tf_free.PGDAdversarialModel(
-            base, epsilon=eps, steps=FLAGS.pgd_steps, step_size=FLAGS.pgd_step_size / 255.0
-        )
-    else:
-        raise ValueError(method)
-    model.compile(
-        optimizer=keras.optimizers.SGD(learning_rate=0.01, momentum=0.9),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-        jit_compile=jit,
-        steps_per_execution=FLAGS.steps_per_execution,
-    )
-    return model, base
-
-
-def _label(method):
-    return {"natural": "natural", "free": f"free m={FLAGS.m}", "pgd": f"PGD-{FLAGS.pgd_steps}"}[
-        method
-    ]
-
-
-def _time_round_robin(methods, trainers, ds):
-    """`--repeats` rounds; each times every method once, in an order rotated per round."""
+def _time_round_robin(methods, trainers):
+    """--repeats rounds; each times every method once, in an order rotated per round."""
     for repeat in range(FLAGS.repeats):
         order = methods[repeat % len(methods) :] + methods[: repeat % len(methods)]
         for method in order:
             t = trainers[method]
-            steps_per_batch = FLAGS.m if method == "free" else 1
-            timer = BatchTimer()
             start = time.perf_counter()
-            t["model"].fit(
-                ds,
-                steps_per_epoch=FLAGS.iterations,
-                epochs=1,
-                verbose=0,
-                shuffle=False,
-                callbacks=[timer],
-            )
+            times = [run_step(t["step"], t["iterator"]) for _ in range(FLAGS.iterations)]
             wall = time.perf_counter() - start
-            # With steps_per_execution > 1 the timer sees one "batch" per execution.
-            t["per_iteration"].append(sum(timer.times) / (FLAGS.iterations * steps_per_batch))
-            t["fit_overhead"].append(wall - sum(timer.times))
-            t["step_ms"].append([round(1e3 * x, 3) for x in timer.times])
+            replays = t["config"].replays
+            t["per_iteration"].append(sum(times) / (FLAGS.iterations * replays))
+            t["overhead"].append(wall - sum(times))
+            t["step_ms"].append([round(1e3 * x, 3) for x in times])
 
 
-def time_methods(methods, jit, settings, strategy, ds, batch, shape, num_classes):
+def time_methods(methods, jit, settings, info, strategy, ds, batch):
     """Builds and warms up every method, then times them round-robin.
 
-    Interleaving the repeats (natural, free, pgd, natural, ...; the order rotates each
-    repeat) exposes every method to the same background load, so the ratios stay
+    Interleaving the rounds (natural, free, pgd, natural, ...; the order rotates each
+    round) exposes every method to the same background load, so the ratios stay
     meaningful on a shared machine even when the absolute times drift. `jit` is the pass
     (XLA on or off), `settings[method]` the jit_compile the method is compiled with and
     `batch` the global batch.
@@ -340,46 +352,40 @@ def time_methods(methods, jit, settings, strategy, ds, batch, shape, num_classes
     replicas = strategy.num_replicas_in_sync
     load = _load_average()
     for method in methods:
-        logging.info(
-            "building and warming up %s, %d replica(s), jit_compile=%s",
-            method,
-            replicas,
-            settings[method],
-        )
+        config = train_config(method, info, batch, jit)
         rss_before = _rss_bytes()
         with PeakMemory() as memory:
-            with strategy.scope():
-                model, base = build_trainer(method, shape, num_classes, settings[method])
+            trainer = build(config, info, strategy, settings[method])
+            print(describe(config, trainer, strategy), flush=True)
+            step, iterator = train_function(trainer.model, strategy, ds)
             start = time.perf_counter()
-            model.fit(ds, steps_per_epoch=FLAGS.warmup, epochs=1, verbose=0, shuffle=False)
+            for _ in range(FLAGS.warmup):
+                run_step(step, iterator)
             warmup_s = time.perf_counter() - start
         trainers[method] = {
-            "model": model,
-            "base": base,
+            "config": config,
+            "trainer": trainer,
+            "step": step,
+            "iterator": iterator,
             "memory": memory,
             "rss_before": rss_before,
             "warmup_s": warmup_s,
-            "iterations_before": int(model.optimizer.iterations.numpy()),
             "per_iteration": [],
-            "fit_overhead": [],
+            "overhead": [],
             "step_ms": [],
         }
-    # One more untimed batch each, now that all are built: a method's first step after the
-    # others' warm-ups is slow (memory handed back and touched again; +50-100 ms seen).
-    for method in methods:
-        trainers[method]["model"].fit(
-            ds, steps_per_epoch=FLAGS.steps_per_execution, epochs=1, verbose=0, shuffle=False
-        )
-        trainers[method]["iterations_before"] = int(
-            trainers[method]["model"].optimizer.iterations.numpy()
-        )
+    # One more untimed step each, now that all are built: a method's first step after the
+    # others' warm-ups is slower (memory handed back and touched again).
+    for t in trainers.values():
+        run_step(t["step"], t["iterator"])
+        t["iterations_before"] = loop.iterations(t["trainer"].model)
     # Python's cyclic GC would otherwise sweep the objects left by tracing in the middle of
-    # a timed step (tens of ms); collect now and pause it while timing, as timeit does.
+    # a timed step; collect now and pause it while timing, as timeit does.
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        _time_round_robin(methods, trainers, ds)
+        _time_round_robin(methods, trainers)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -387,9 +393,10 @@ def time_methods(methods, jit, settings, strategy, ds, batch, shape, num_classes
     results = []
     for method in methods:
         t = trainers[method]
-        steps_per_batch = FLAGS.m if method == "free" else 1
-        counted = int(t["model"].optimizer.iterations.numpy()) - t["iterations_before"]
-        expected = FLAGS.repeats * FLAGS.iterations * steps_per_batch
+        model, base = t["trainer"].model, t["trainer"].base
+        replays = t["config"].replays
+        counted = loop.iterations(model) - t["iterations_before"]
+        expected = FLAGS.repeats * FLAGS.iterations * replays
         if counted != expected:  # e.g. a loss-scale optimizer skipping steps
             logging.warning(
                 "%s: optimizer counted %d iterations, expected %d", method, counted, expected
@@ -399,28 +406,30 @@ def time_methods(methods, jit, settings, strategy, ds, batch, shape, num_classes
         results.append(
             {
                 "method": method,
-                "label": _label(method),
+                "label": run_folder.label(t["config"]),
+                "trainer": type(model).__name__,
                 "jit_compile": jit,
-                "xla": xla_label(settings[method]),
+                "xla": xla_label(model),
                 "replicas": replicas,
                 "global_batch": batch,
+                "step_size_255": 255 * model.step_size if method != "natural" else None,
                 "load_average_before": load,
                 "ms_per_iteration": 1e3 * seconds,
                 "ms_per_iteration_repeats": [1e3 * s for s in t["per_iteration"]],
                 "ms_per_iteration_min": 1e3 * min(t["per_iteration"]),
-                "ms_per_batch": 1e3 * seconds * steps_per_batch,
+                "ms_per_batch": 1e3 * seconds * replays,
                 "images_per_s": batch / seconds,
-                "iterations_per_batch": steps_per_batch,
+                "iterations_per_batch": replays,
                 "optimizer_iterations_timed": counted,
-                "fit_overhead_ms_per_call": 1e3 * statistics.median(t["fit_overhead"]),
-                "ms_per_timed_call_by_repeat": t["step_ms"],
+                "overhead_ms_per_round": 1e3 * statistics.median(t["overhead"]),
+                "ms_per_step_by_repeat": t["step_ms"],
                 "warmup_s": t["warmup_s"],
                 "memory_kind": memory.kind,
                 "peak_memory_mib": memory.peak / 2**20,
                 "memory_growth_mib": None
                 if memory.gpus
                 else (memory.peak - t["rss_before"]) / 2**20,
-                "params": int(t["base"].count_params()),
+                "params": int(base.count_params()),
             }
         )
     trainers.clear()
@@ -476,7 +485,7 @@ def print_table(rows, title):
                 )
             if r["method"] == "pgd":
                 print(
-                    f"PGD-{FLAGS.pgd_steps}/natural = {r['ratio_to_natural']:.2f} (median), "
+                    f"{r['label']}/natural = {r['ratio_to_natural']:.2f} (median), "
                     f"{r['best_ratio_to_natural']:.2f} (best)  "
                     f"(ideal about {FLAGS.pgd_steps + 1})"
                 )
@@ -486,16 +495,14 @@ def scaling_table(results):
     """Adds `scaling_efficiency` to every result; returns the Markdown table.
 
     Efficiency = images/s(R) / (R x images/s(R0) / R0), R0 the smallest R timed with the
-    same method and XLA setting (1 when 1 was timed).
+    same method and XLA mode (1 when 1 was timed).
     """
     lines = [
         "| replicas | global batch | XLA | method | ms/iteration | images/s | efficiency |",
         "|---|---|---|---|---|---|---|",
     ]
     order = {"off": 0, "whole step": 1, "per replica": 2}
-    rows = sorted(
-        results, key=lambda r: (order[r["xla"]], METHODS.index(r["method"]), r["replicas"])
-    )
+    rows = sorted(results, key=lambda r: (order[r["xla"]], ORDER.index(r["method"]), r["replicas"]))
     for r in rows:
         base = min(
             (b for b in results if (b["method"], b["xla"]) == (r["method"], r["xla"])),
@@ -510,6 +517,19 @@ def scaling_table(results):
             f"| {r['scaling_efficiency']:.2f} |"
         )
     return "\n".join(lines)
+
+
+def replica_devices() -> list[str]:
+    """The devices replicas run on: the GPUs, else the first --cpu_devices logical CPUs."""
+    devices = tf.config.list_logical_devices("GPU")
+    devices = devices or tf.config.list_logical_devices("CPU")[: FLAGS.cpu_devices]
+    return [d.name for d in devices]
+
+
+def scaling_strategy(replicas: int) -> tf.distribute.Strategy:
+    """MirroredStrategy over the first `replicas` devices (`runtime.build_strategy` mirrors
+    over all GPUs; weak scaling needs the first R of them)."""
+    return tf.distribute.MirroredStrategy(replica_devices()[:replicas])
 
 
 def replica_counts():
@@ -533,26 +553,24 @@ def replica_counts():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.model not in models.MODELS:
-        raise app.UsageError(f"--model must be one of {sorted(models.MODELS)}")
     methods = [m.strip() for m in FLAGS.methods if m.strip()]
     if not methods or set(methods) - set(METHODS):
-        raise app.UsageError(f"--methods must be a subset of {','.join(METHODS)}")
-    if FLAGS.warmup % FLAGS.steps_per_execution or FLAGS.iterations % FLAGS.steps_per_execution:
-        raise app.UsageError("--steps_per_execution must divide --warmup and --iterations")
+        raise app.UsageError(f"--methods must be a subset of {','.join(ORDER)}")
+    methods = [m for m in ORDER if m in methods]
     if FLAGS.replicas and FLAGS.strategy != "mirrored":
         raise app.UsageError("--replicas needs --strategy=mirrored")
-    experiment.configure_cpu_devices(FLAGS.cpu_devices)  # before TensorFlow initialises
-    shape, num_classes = input_shape(FLAGS.model)
-    keras.mixed_precision.set_global_policy(POLICIES[FLAGS.mixed_precision])
+    runtime.configure_cpu_devices(FLAGS.cpu_devices)  # before TensorFlow initialises
+    info = dataset_spec(FLAGS.model)
     counts = replica_counts()
     scaling = bool(counts)
     if not scaling:
-        strategy = build_strategy(FLAGS.strategy)
+        strategy = runtime.build_strategy(FLAGS.strategy, FLAGS.cpu_devices)
         counts = [strategy.num_replicas_in_sync]
         if FLAGS.batch_size % counts[0]:
             raise app.UsageError(f"--batch_size must be divisible by the {counts[0]} replicas")
     jits = {"true": [True], "false": [False], "both": [True, False]}[FLAGS.jit_compile]
+    for method in methods:  # every setting checked before any work
+        train_config(method, info, FLAGS.batch_size * counts[0], jits[0])
 
     gpus = tf.config.list_physical_devices("GPU")
     print(
@@ -561,11 +579,11 @@ def main(argv):
         f"GPUs: {[g.name for g in gpus] or 'none'}"
     )
     print(
-        f"model={FLAGS.model} input={shape} classes={num_classes} batch={FLAGS.batch_size} "
-        f"m={FLAGS.m} K={FLAGS.pgd_steps} policy={keras.mixed_precision.global_policy().name} "
-        f"strategy={FLAGS.strategy} (replicas: {','.join(map(str, counts))}) "
-        f"warmup={FLAGS.warmup} repeats={FLAGS.repeats} "
-        f"iterations/repeat={FLAGS.iterations} batches"
+        f"model={FLAGS.model} dataset={info.name} input={info.image_shape} "
+        f"classes={info.num_classes} batch={FLAGS.batch_size} m={FLAGS.m} K={FLAGS.pgd_steps} "
+        f"precision={FLAGS.mixed_precision} strategy={FLAGS.strategy} "
+        f"(replicas: {','.join(map(str, counts))}) warmup={FLAGS.warmup} "
+        f"repeats={FLAGS.repeats} iterations/repeat={FLAGS.iterations} batches"
     )
     if scaling:
         print(
@@ -576,16 +594,17 @@ def main(argv):
     load_before = _load_average()
     for replicas in counts:
         if scaling:
-            strategy = build_strategy("mirrored", replicas)
+            strategy = scaling_strategy(replicas)
         batch = FLAGS.batch_size * replicas if scaling else FLAGS.batch_size
-        ds = synthetic_dataset(shape, num_classes, batch, FLAGS.data_batches, FLAGS.seed)
+        ds = synthetic_dataset(info, batch, FLAGS.data_batches, FLAGS.seed)
         for jit in jits:
-            settings = {m: xla_setting(m, jit, replicas, scaling) for m in methods}
+            settings = {
+                m: xla_setting(train_config(m, info, batch, jit), strategy, scaling)
+                for m in methods
+            }
             timed = [m for m in methods if settings[m] is not None]
             if timed:
-                results += time_methods(
-                    timed, jit, settings, strategy, ds, batch, shape, num_classes
-                )
+                results += time_methods(timed, jit, settings, info, strategy, ds, batch)
     load_after = _load_average()
     print(
         "\nOne iteration = one optimizer step (free: batch time / m); median over repeats, "
@@ -605,25 +624,24 @@ def main(argv):
     for replicas in counts:
         for jit in jits:
             rows = [r for r in results if (r["replicas"], r["jit_compile"]) == (replicas, jit)]
-            if not rows:
-                continue
-            print_table(
-                rows,
-                f"{replicas} replica(s), global batch {rows[0]['global_batch']}, "
-                f"XLA {'on' if jit else 'off'}",
-            )
+            if rows:
+                print_table(
+                    rows,
+                    f"{replicas} replica(s), global batch {rows[0]['global_batch']}, "
+                    f"XLA {'on' if jit else 'off'}",
+                )
     if True in jits and max(counts) > 1 and "natural" in methods:
         print(
-            "\nXLA on with more than one replica: free/PGD use jit_compile='per_replica'; "
-            "natural (a plain Keras model, which Keras cannot XLA-compile under several "
-            "replicas) is timed with XLA off only there."
+            "\nXLA on with more than one replica: free/PGD compile each replica's step; "
+            "natural training (a plain Keras model) runs without XLA there, as in "
+            "tf_free.train, so it is timed only with XLA off (--jit_compile=false or both)."
         )
     table = None
     if scaling:
         table = scaling_table(results)
         print(
             f"\nWeak scaling (per-replica batch {FLAGS.batch_size}; efficiency = images/s(R) / "
-            f"(R x images/s({counts[0]})) per method and XLA setting; median over repeats):\n"
+            f"(R x images/s({counts[0]})) per method and XLA mode; median over repeats):\n"
         )
         print(table)
         if not gpus:
@@ -638,13 +656,14 @@ def main(argv):
             name: FLAGS[name].value
             for name in (
                 "model batch_size m pgd_steps epsilon pgd_step_size jit_compile "
-                "mixed_precision strategy warmup repeats iterations steps_per_execution seed "
-                "data_batches cpu_devices"
+                "mixed_precision strategy warmup repeats iterations seed data_batches "
+                "cpu_devices"
             ).split()
         }
         config.update(
-            input_shape=list(shape),
-            num_classes=num_classes,
+            dataset=info.name,
+            input_shape=list(info.image_shape),
+            num_classes=info.num_classes,
             methods=methods,
             tensorflow=tf.__version__,
             keras=keras.__version__,

@@ -4,11 +4,11 @@
     python scripts/benchmark_checkpoint.py --cases=small_cnn:fashion_mnist:128
 
 For each case (model:dataset:global batch) it builds the free-training model
-and optimizer of `tf_free.train` (SGD with momentum, δ of the whole batch),
-writes one checkpoint with `tf_free.loop.TrainState` (what a run writes), and
-restores it into a freshly built model. Sizes are on disk; times are the
-median of --repeats. No data is read, so it works for ImageNet without the
-dataset.
+and optimizer of `tf_free.train` (`experiment.build_trainer`: momentum SGD, δ
+of the whole batch), writes one checkpoint with `tf_free.loop.TrainState`
+(what a run writes), and restores it into a freshly built model. Sizes are on
+disk; times are the median of --repeats. No data is read, so it works for
+ImageNet without the dataset.
 """
 
 from __future__ import annotations
@@ -36,31 +36,19 @@ flags.DEFINE_string("json_out", None, "Also write the rows here.")
 FLAGS = flags.FLAGS
 
 
-def _build(config, info):
-    import keras
-
-    from tf_free import experiment
-
-    model, base = experiment.build_model(config, info)
-    model.compile(
-        optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    model.optimizer.build(model.trainable_variables)
-    model.build_perturbation((config.batch_size, *base.input_shape[1:]))
-    return model, base
-
-
 def measure(model_name: str, dataset: str, batch_size: int, repeats: int) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from tf_free import data, experiment, loop
+    from tf_free import experiment, loop
+    from tf_free.config import TrainConfig
 
-    config = experiment.TrainConfig(model=model_name, dataset=dataset, batch_size=batch_size)
-    info = data.dataset_info(dataset)
-    model, base = _build(config, info)
+    config = TrainConfig(model=model_name, dataset=dataset, batch_size=batch_size)
+    info = experiment.dataset_info(config)
+    budget = experiment.build_plan(config, info)
     strategy = tf.distribute.get_strategy()
+    trainer = experiment.build_trainer(config, info, budget, strategy)
+    model, base = trainer.model, trainer.base
     delta_bytes = int(np.prod(model.perturbation.shape)) * 4
     save_seconds, restore_seconds = [], []
     with tempfile.TemporaryDirectory() as folder:
@@ -70,7 +58,7 @@ def measure(model_name: str, dataset: str, batch_size: int, repeats: int) -> dic
             path = state.save()
             save_seconds.append(time.perf_counter() - start)
         size = sum(os.path.getsize(p) for p in tf.io.gfile.glob(path + ".*"))
-        fresh, _ = _build(config, info)
+        fresh = experiment.build_trainer(config, info, budget, strategy).model
         for _ in range(repeats):
             start = time.perf_counter()
             assert loop.TrainState(fresh, folder, strategy).restore()

@@ -20,17 +20,20 @@ Reads the models trained by `python scripts/reproduce_fashion_mnist.py` from `--
 - fig4_eps_sweep.png and .json: PGD-20 accuracy (step ε/8 = 2.5ε/20, random start) against
   the evaluation ε, for every trained row found, on the first --fig4_examples test images.
 
-Every attack is `tf_free.attacks.pgd` (through `accuracy_under_attack` for accuracies). ε is
-in [0, 1] image units unless a flag says 0-255. The figures also go to TensorBoard as images
-in <runs>/figures_logs (--tensorboard).
+Every attack is `tf_free.attacks.pgd` (Fig. 4 through `tf_free.evaluation.evaluate_attacks`);
+Fig. 1 trains with `tf_free.experiment.train_and_evaluate`. Row labels and training ε come
+from each run's config.json (`tf_free.run_folder`). ε is in [0, 1] image units unless a flag
+says 0-255; accuracies are fractions, printed and plotted as percentages. The figures also go
+to TensorBoard as images in <runs>/figures_logs (--tensorboard).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -46,23 +49,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-# Runnable as `python scripts/figures.py` from the repository root without PYTHONPATH.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tf_free import attacks, data, experiment, export  # noqa: E402
+from tf_free import attacks, data, evaluation, experiment, export, run_folder  # noqa: E402
+from tf_free.config import JIT_CHOICES, ConfigError, TrainConfig, differences  # noqa: E402
 
 REPRODUCE = "python scripts/reproduce_fashion_mnist.py"
-# Rows of scripts/reproduce_fashion_mnist.py, in plotting order, with their labels.
-ROWS = {
-    "natural": "natural",
-    "free_m2": "free m=2",
-    "free_m4": "free m=4",
-    "free_m8": "free m=8",
-    "free_m10": "free m=10",
-    "pgd2": "2-PGD",
-    "pgd7": "7-PGD",
-}
-TRAIN_EPSILON = 0.1  # ε of every row, in [0, 1] units (25.5/255)
+# Rows of scripts/reproduce_fashion_mnist.py, in plotting order.
+ROWS = ("natural", "free_m2", "free_m4", "free_m8", "free_m10", "pgd2", "pgd7")
 CLASSES = data.FASHION_MNIST_CLASSES
 
 FLAGS = flags.FLAGS
@@ -80,7 +72,7 @@ flags.DEFINE_float("fig1_epochs", 4, "Fig. 1: natural-epoch budget, the same for
 flags.DEFINE_integer("fig1_train_examples", 20000, "Fig. 1: train on the first N images.")
 flags.DEFINE_bool("retrain", False, "Fig. 1: retrain the replay models even if cached.")
 flags.DEFINE_enum(
-    "jit_compile", "auto", experiment.JIT_CHOICES, "Fig. 1: XLA for training (auto: off on CPU)."
+    "jit_compile", "auto", JIT_CHOICES, "Fig. 1: XLA for training (auto: off on CPU)."
 )
 # Fig. 2
 flags.DEFINE_float("fig2_epsilon", 30, "Fig. 2: BIM ε in 0-255 units.")
@@ -116,12 +108,40 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------
 
 
+@functools.cache
+def row_config(row: str) -> TrainConfig | None:
+    """The run in <runs>/<row> (None without a readable config.json).
+
+    Its `model_dir` is where the folder is now, so a moved folder finds its export.
+    """
+    folder = os.path.join(FLAGS.runs, row)
+    try:
+        return dataclasses.replace(run_folder.read_config(folder), model_dir=folder)
+    except ConfigError:
+        return None
+
+
 def export_dir(row: str) -> str:
-    return os.path.join(FLAGS.runs, row, "export")
+    config = row_config(row)
+    return run_folder.export_dir(config) if config else os.path.join(FLAGS.runs, row, "export")
 
 
 def has_run(row: str) -> bool:
-    return os.path.isfile(os.path.join(export_dir(row), "saved_model.pb"))
+    """The row has a run folder with its SavedModel."""
+    saved_model = os.path.join(export_dir(row), "saved_model.pb")
+    return row_config(row) is not None and os.path.isfile(saved_model)
+
+
+def label(row: str) -> str:
+    return run_folder.label(row_config(row))
+
+
+def train_epsilon(rows) -> float:
+    """The training ε of `rows`, in [0, 1] units (the reproduction trains all at one ε)."""
+    values = sorted({row_config(row).epsilon for row in rows})
+    if len(values) > 1:
+        log(f"note: {', '.join(rows)} were trained at different ε (0-255): {values}")
+    return values[-1] / 255.0
 
 
 def require_runs(figure: int, rows: list[str]) -> None:
@@ -130,8 +150,8 @@ def require_runs(figure: int, rows: list[str]) -> None:
         folders = ", ".join(os.path.join(FLAGS.runs, row) for row in missing)
         raise MissingRunError(
             f"Fig. {figure} needs the trained {', '.join(missing)} model(s), but there is no "
-            f"SavedModel in {', '.join(export_dir(row) for row in missing)} (run folder(s) "
-            f"{folders}). Train them with: {REPRODUCE}"
+            f"run with a SavedModel in {folders} (config.json and "
+            f"{', '.join(export_dir(row) for row in missing)}). Train them with: {REPRODUCE}"
             + ("" if FLAGS.runs == "runs/fashion_mnist" else " (or point --runs elsewhere)")
         )
 
@@ -200,7 +220,7 @@ def eps255(eps: float) -> str:
 # --------------------------------------------------------------------------
 
 
-def replay_config(m: int) -> experiment.TrainConfig:
+def replay_config(m: int) -> TrainConfig:
     """Free training at ε=0 with m replays, on a natural-epoch budget of --fig1_epochs.
 
     m replays make budget/m passes over the data. When that is less than one pass, the
@@ -213,9 +233,12 @@ def replay_config(m: int) -> experiment.TrainConfig:
         n = max(1, int(round(n * passes)))
     elif passes != int(passes):
         log(f"m={m}: {epochs:g} epochs / m is not whole; the run makes {math.ceil(passes)} passes")
-    return experiment.TrainConfig(
+    return TrainConfig(
         method="free",
         epsilon=0.0,
+        # At ε=0 δ stays 0 whatever its step; the default step (ε) is 0, which
+        # FreeAdversarialModel rejects.
+        step_size=1.0,
         m=m,
         epochs=epochs,
         train_examples=n,
@@ -229,20 +252,17 @@ def replay_config(m: int) -> experiment.TrainConfig:
     )
 
 
-_CACHE_KEYS = ("method", "epsilon", "m", "epochs", "train_examples", "batch_size", "lr", "seed")
-
-
-def cached_result(config: experiment.TrainConfig) -> dict | None:
+def cached_result(config: TrainConfig) -> dict | None:
+    """results.json of a finished run of `config` in its folder, else None."""
     results = os.path.join(config.model_dir, "results.json")
-    config_file = os.path.join(config.model_dir, "config.json")
-    if not (os.path.isfile(results) and os.path.isfile(config_file)):
+    if not os.path.isfile(results):
         return None
-    with open(config_file) as f:
-        cached = json.load(f)
-    wanted = json.loads(config.to_json())
-    differ = [k for k in _CACHE_KEYS if cached.get(k) != wanted[k]]
-    if differ:
-        log(f"{config.model_dir}: cached run differs in {differ}; retraining")
+    try:
+        found = differences(run_folder.read_config(config.model_dir), config)
+    except ConfigError as e:
+        found = [str(e)]
+    if found:
+        log(f"{config.model_dir}: the cached run differs ({'; '.join(found)}); retraining")
         return None
     with open(results) as f:
         return json.load(f)
@@ -255,13 +275,12 @@ def figure1() -> None:
         config = replay_config(m)
         result = None if FLAGS.retrain else cached_result(config)
         if result is None:
-            if os.path.isdir(config.model_dir):
-                shutil.rmtree(config.model_dir)  # our own cache folder: fresh logs
             log(
                 f"Fig. 1: training m={m} (ε=0) into {config.model_dir}: {config.passes} pass(es) "
                 f"over {config.train_examples} images x {m} replays"
             )
-            result = experiment.train_and_evaluate(config)
+            # Our own cache folder: a run there is replaced (fresh logs).
+            result = experiment.train_and_evaluate(dataclasses.replace(config, overwrite=True))
         else:
             log(f"Fig. 1: m={m} cached in {config.model_dir} (--retrain to train again)")
         points.append((m, result, config))
@@ -315,7 +334,7 @@ def figure1() -> None:
 
 
 def figure2() -> None:
-    rows = ["natural", "pgd7", "free_m8"]
+    rows = FIGURES[2][1]
     images, labels = test_set()
     n = FLAGS.fig2_examples
     x, y = images[-n:], labels[-n:]
@@ -345,8 +364,7 @@ def figure2() -> None:
             f"max |δ| = {np.abs(adv - x).max() * 255:.1f}/255"
         )
 
-    columns = [("clean", None), ("natural model", "natural"), ("7-PGD model", "pgd7")]
-    columns.append(("free (m=8) model", "free_m8"))
+    columns = [("clean", None)] + [(f"{label(row)} model", row) for row in rows]
     head = 1.25  # inches above the grid for the title and the column headers
     height = 2.2 * n + head
     fig, axes = plt.subplots(n, len(columns), figsize=(2.1 * len(columns), height), squeeze=False)
@@ -384,7 +402,7 @@ def figure2() -> None:
     fig.suptitle(
         f"Fig. 2: {FLAGS.fig2_steps}-step BIM (tf_free.attacks.pgd, no random start),\n"
         f"ε={eps255(eps)} (={eps:.3f}), step {eps255(step)}, on the last {n} Fashion-MNIST "
-        f"test images;\nmodels trained at ε={eps255(TRAIN_EPSILON)}. Titles: the model's "
+        f"test images;\nmodels trained at ε={eps255(train_epsilon(rows))}. Titles: the model's "
         "prediction on\nthe attacked image (green: still correct, red: fooled)",
         fontsize=9.5,
         y=1 - 0.04 / height,
@@ -417,10 +435,10 @@ def loss_surface(model, x, y, d1, d2, grid):
 
 
 def figure3() -> None:
-    rows = [("free_m8", "free (m=8)"), ("pgd7", "7-PGD")]
+    rows = [(row, label(row)) for row in FIGURES[3][1]]
     images, labels = test_set()
     k = FLAGS.fig3_examples
-    eps = TRAIN_EPSILON
+    eps = train_epsilon(FIGURES[3][1])
     grid = np.linspace(-eps, eps, FLAGS.fig3_grid)
     rng = np.random.default_rng(FLAGS.seed)
     # The same random directions for both models; one pair per image.
@@ -453,7 +471,7 @@ def figure3() -> None:
     c = len(grid) // 2
     for p, (n1, n2) in enumerate(pairs):
         for i in range(k):
-            # One scale per (direction pair, image), shared by the models: free vs PGD compare.
+            # One scale per (direction pair, image), shared by the models, which then compare.
             zmax = max(surfaces[p, i, row].max() for row, _ in rows)
             zmin = min(surfaces[p, i, row].min() for row, _ in rows)
             zmax = max(zmax, zmin + 1e-3)
@@ -487,14 +505,14 @@ def figure3() -> None:
             )
             cbar.ax.tick_params(labelsize=7)
     fig.suptitle(
-        "Fig. 3: loss surfaces of the free (m=8) and 7-PGD models on the first "
+        f"Fig. 3: loss surfaces of the {' and '.join(name for _, name in rows)} models on the first "
         f"{k} Fashion-MNIST test images: cross-entropy of model(clip(x + a·d1 + b·d2, 0, 1)),\n"
-        f"a, b ∈ [-ε, ε] in 0-1 pixel units, ε={TRAIN_EPSILON} ({eps255(TRAIN_EPSILON)}); "
+        f"a, b ∈ [-ε, ε] in 0-1 pixel units, ε={eps:g} ({eps255(eps)}); "
         "d1, d2 are ±1 sign vectors: random (Rademacher; the same for both models) or "
         "adversarial (sign of the model's input gradient at x).\n"
         "Top row: (random, adversarial); bottom row: (random, random). (0, 0) is the clean "
         "image. Floor: the same surface as contours. Each image's pair of panels shares "
-        "its z axis and colours, so free and PGD compare.",
+        "its z axis and colours, so the models compare.",
         fontsize=10.5,
     )
     fig.subplots_adjust(left=0.01, right=0.97, bottom=0.03, top=0.87, wspace=0.12, hspace=0.2)
@@ -513,7 +531,7 @@ def figure4() -> None:
         require_runs(4, list(ROWS))  # raises: names every row and the command
     if missing:
         log(
-            f"Fig. 4: no SavedModel for {', '.join(missing)} in {FLAGS.runs}; plotting the "
+            f"Fig. 4: no run with a SavedModel for {', '.join(missing)} in {FLAGS.runs}; plotting the "
             f"{len(present)} rows found (train the rest with: {REPRODUCE})"
         )
     epsilons = [float(e) for e in FLAGS.fig4_eps]
@@ -521,14 +539,14 @@ def figure4() -> None:
     n = min(FLAGS.fig4_examples, len(images))
     dataset = tf.data.Dataset.from_tensor_slices((images[:n], labels[:n])).batch(FLAGS.batch_size)
     steps = FLAGS.fig4_steps
-    accuracy = {}
+    accuracy = {}  # fractions
     for row in present:
         model = load_model(row)
         accuracy[row] = []
         for eps in epsilons:
             t = time.time()
             name = "natural" if eps == 0 else f"pgd{steps}"
-            acc = experiment.evaluate_attacks(
+            percent = evaluation.evaluate_attacks(
                 model,
                 dataset,
                 [name],
@@ -537,16 +555,18 @@ def figure4() -> None:
                 seed=FLAGS.seed,
                 verbose=False,
             )[name]
-            acc /= 100.0
-            accuracy[row].append(100.0 * acc)
+            acc = percent / 100.0
+            accuracy[row].append(acc)
             log(
-                f"Fig. 4: {ROWS[row]:>9}, ε={eps:<5g} ({eps255(eps)}): "
+                f"Fig. 4: {label(row):>9}, ε={eps:<5g} ({eps255(eps)}): "
                 f"{100 * acc:6.2f}%  ({time.time() - t:.1f}s)"
             )
-        drops = np.diff(accuracy[row])
-        if (drops > 0.5).any():
+        rises = np.diff(accuracy[row])
+        if (rises > 0.005).any():
             log(f"Fig. 4: note: {row}'s accuracy RISES with ε somewhere: {accuracy[row]}")
 
+    train_eps = train_epsilon(present)
+    percents = {row: [100 * a for a in accuracy[row]] for row in present}
     os.makedirs(FLAGS.out, exist_ok=True)
     record = {
         "epsilons": epsilons,
@@ -557,8 +577,8 @@ def figure4() -> None:
         ),
         "num_examples": n,
         "examples": f"the first {n} Fashion-MNIST test images (file order)",
-        "train_epsilon": TRAIN_EPSILON,
-        "accuracy_percent": accuracy,
+        "train_epsilon": train_eps,
+        "accuracy_percent": percents,
         "runs": {row: os.path.abspath(export_dir(row)) for row in present},
         "missing_rows": missing,
     }
@@ -568,17 +588,17 @@ def figure4() -> None:
     log(f"wrote {path}")
 
     fig, ax = plt.subplots(figsize=(7.4, 5.0))
-    free_rows = [r for r in present if r.startswith("free")]
-    pgd_rows = [r for r in present if r.startswith("pgd")]
+    free_rows = [r for r in present if row_config(r).method == "free"]
+    pgd_rows = [r for r in present if row_config(r).method == "pgd"]
     blues = plt.get_cmap("Blues")(np.linspace(0.45, 0.95, max(1, len(free_rows))))
     reds = plt.get_cmap("Oranges")(np.linspace(0.55, 0.9, max(1, len(pgd_rows))))
-    styles = {"natural": dict(color="black", marker="s", ls="-")}
+    styles = {r: dict(color="black", marker="s", ls="-") for r in present}
     styles.update({r: dict(color=c, marker="o", ls="-") for r, c in zip(free_rows, blues)})
     styles.update({r: dict(color=c, marker="^", ls="--") for r, c in zip(pgd_rows, reds)})
     for row in present:
-        ax.plot(epsilons, accuracy[row], lw=1.8, ms=5, label=ROWS[row], **styles[row])
-    ax.axvline(TRAIN_EPSILON, color="gray", ls=":", lw=1)
-    ax.text(TRAIN_EPSILON, 1, f" training ε={TRAIN_EPSILON}", color="gray", fontsize=8, va="bottom")
+        ax.plot(epsilons, percents[row], lw=1.8, ms=5, label=label(row), **styles[row])
+    ax.axvline(train_eps, color="gray", ls=":", lw=1)
+    ax.text(train_eps, 1, f" training ε={train_eps:g}", color="gray", fontsize=8, va="bottom")
     ax.set_xlabel("evaluation ε (L∞, 0-1 pixel units)")
     ax.set_ylabel(f"accuracy under PGD-{steps} (%)")
     ax.set_ylim(-2, 100)
@@ -589,7 +609,7 @@ def figure4() -> None:
     ax.legend(title="training", fontsize=9, loc="upper right")
     ax.set_title(
         f"Fig. 4: robustness against the attack's ε (Fashion-MNIST, small CNN, trained at "
-        f"ε={TRAIN_EPSILON})\nPGD-{steps}, step 2.5ε/{steps}, random start, first {n:,} "
+        f"ε={train_eps:g})\nPGD-{steps}, step 2.5ε/{steps}, random start, first {n:,} "
         "test images; ε=0 is clean accuracy",
         fontsize=10,
     )
@@ -627,7 +647,7 @@ def main(argv):
         if 4 in chosen and not any(has_run(row) for row in ROWS):
             raise MissingRunError(
                 f"Fig. 4 found no trained model in {FLAGS.runs}: it plots every row among "
-                f"{', '.join(ROWS)} that has a SavedModel in {FLAGS.runs}/<row>/export, and "
+                f"{', '.join(ROWS)} that has a run with a SavedModel in {FLAGS.runs}/<row>, and "
                 f"there is none. Train them with: {REPRODUCE}"
             )
         timings = {}

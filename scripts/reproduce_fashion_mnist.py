@@ -14,12 +14,21 @@ checkpoint, so an interrupted run picks up where it stopped.
 
 Evaluation: natural accuracy and PGD-20 on the whole test set (10,000 images);
 PGD-100, CW-100 (100 steps on the Carlini-Wagner margin) and 10-restart PGD-20
-on the first --expensive_examples test images (default 2,000, to keep the
-whole script under an hour on 2 CPU cores; 10,000 takes about 75 minutes), step 0.01 (2.55/255) and a random start.
+on the first --expensive_examples test images (default 2,000), step 0.01
+(2.55/255) and a random start; the standard AutoAttack on the first
+--autoattack_examples.
+
+Training is `tf_free.experiment.train_and_evaluate`, the attacks
+`tf_free.evaluation.evaluate_attacks`, the table `tf_free.evaluation.to_markdown`;
+this script holds the sweep (its rows and columns). Accuracies in each row's
+`reproduce.json` and in `fashion_mnist.json` are percentages rounded to 0.01,
+as `evaluate_attacks` gives them.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import sys
@@ -27,10 +36,11 @@ import time
 
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tf_free import evaluation, experiment, export, run_folder
+from tf_free.config import TrainConfig
 
-from tf_free import data, experiment, export  # noqa: E402
-
+# The sweep: each row's settings on top of TrainConfig's defaults, which are
+# those of flags/common/fashion_mnist.cfg.
 ROWS = {
     "natural": dict(method="natural"),
     "free_m2": dict(method="free", m=2),
@@ -41,12 +51,13 @@ ROWS = {
     "pgd2": dict(method="pgd", pgd_steps=2),
 }
 CHEAP, EXPENSIVE = ["natural", "pgd20"], ["pgd100", "cw100", "pgd20x10"]
+# Attack name -> (its key in reproduce.json, its column header in the table).
 COLUMNS = {
-    "natural": "natural",
-    "pgd20": "pgd20",
-    "pgd100": "pgd100",
-    "cw100": "cw100",
-    "pgd20x10": "pgd20_restarts10",
+    "natural": ("natural", "natural"),
+    "pgd20": ("pgd20", "PGD-20"),
+    "pgd100": ("pgd100", "PGD-100"),
+    "cw100": ("cw100", "CW-100"),
+    "pgd20x10": ("pgd20_restarts10", "10-restart PGD-20"),
 }
 
 flags.DEFINE_list("rows", list(ROWS), f"Rows to train and evaluate, of {list(ROWS)}.")
@@ -55,37 +66,44 @@ flags.DEFINE_string("out", "results", "Where fashion_mnist.{json,md} go.")
 flags.DEFINE_integer(
     "expensive_examples",
     2000,
-    "Test images for PGD-100, CW-100 and PGD-20x10 (10000: the whole test set, ~75 min in all).",
+    "Test images for PGD-100, CW-100 and PGD-20x10 (10000: the whole test set).",
 )
 flags.DEFINE_integer(
     "autoattack_examples",
     1000,
-    "Test images for the standard AutoAttack column (APGD-CE, APGD-T, FAB-T, Square; about "
-    "10 minutes per row for 1000 on 2 CPU cores); 0 leaves the column out.",
+    "Test images for the standard AutoAttack column (APGD-CE, APGD-T, FAB-T, Square); 0 "
+    "leaves the column out.",
 )
 flags.DEFINE_boolean("retrain", False, "Retrain rows that already have results.")
 FLAGS = flags.FLAGS
 
 
-def label(row: str) -> str:
-    spec = ROWS[row]
-    if spec["method"] == "free":
-        return f"free m={spec['m']}"
-    if spec["method"] == "pgd":
-        return f"PGD-{spec['pgd_steps']}"
-    return "natural"
-
-
-def _attack(model_dir: str, names, num_examples=None) -> dict:
-    """Accuracies (%) of the row's exported model on the first test images."""
-    config = experiment.TrainConfig(**json.load(open(os.path.join(model_dir, "config.json"))))
-    test = data.build_dataset(
-        "fashion_mnist", "test", batch_size=500, training=False, num_examples=num_examples
+def row_config(row: str) -> TrainConfig:
+    """The row's run. Its end-of-training evaluation is on 1,000 images only; the table's
+    is `attack`'s."""
+    return TrainConfig(
+        **ROWS[row],
+        model_dir=os.path.join(FLAGS.runs, row),
+        eval_examples=1000,
+        eval_every=1000,
+        verbose=2,
+        overwrite=FLAGS.retrain,  # else a killed row resumes from its checkpoint
     )
-    logits_fn = export.load_logits_fn(os.path.join(model_dir, "export"))
-    return experiment.evaluate_attacks(
+
+
+def attack(model_dir: str, names, num_examples=None) -> dict:
+    """Accuracies (%) of the run's exported model on the first `num_examples` test images."""
+    # The folder may have moved since training: its export is looked up where it is now.
+    config = dataclasses.replace(
+        run_folder.read_config(model_dir),
+        model_dir=model_dir,
+        batch_size=500,  # the evaluation batch
+        eval_examples=num_examples,
+    )
+    logits_fn = export.load_logits_fn(run_folder.export_dir(config))
+    return evaluation.evaluate_attacks(
         logits_fn,
-        test,
+        experiment.build_eval_dataset(config, experiment.dataset_info(config)),
         names,
         epsilon=config.epsilon / 255.0,
         step_size=config.eval_pgd_step_size / 255.0,
@@ -93,45 +111,39 @@ def _attack(model_dir: str, names, num_examples=None) -> dict:
 
 
 def run_row(row: str) -> dict:
-    model_dir = os.path.join(FLAGS.runs, row)
+    """Trains and attacks the row, or reads its `reproduce.json`; fills in missing columns."""
+    config = row_config(row)
+    model_dir = config.model_dir
     done = os.path.join(model_dir, "reproduce.json")
     if os.path.exists(done) and not FLAGS.retrain:
         with open(done) as f:
             logging.info("%s: already done (%s)", row, done)
             result = json.load(f)
+        saved = copy.deepcopy(result)
     else:
-        # The settings of flags/common/fashion_mnist.cfg; the end-of-training
-        # evaluation is on 1,000 images only, the table's is below.
-        config = experiment.TrainConfig(
-            **ROWS[row],
-            model_dir=model_dir,
-            eval_examples=1000,
-            eval_every=1000,
-            verbose=2,
-            overwrite=FLAGS.retrain,  # else a killed row resumes from its checkpoint
-        )
-        print(f"\n== {row}: training ({label(row)})", flush=True)
+        print(f"\n== {row}: training ({run_folder.label(config)})", flush=True)
         trained = experiment.train_and_evaluate(config)
         start = time.time()
         print(f"== {row}: attacking the exported model", flush=True)
-        accuracies = _attack(model_dir, CHEAP)
-        accuracies.update(_attack(model_dir, EXPENSIVE, FLAGS.expensive_examples))
+        accuracies = attack(model_dir, CHEAP)
+        accuracies.update(attack(model_dir, EXPENSIVE, FLAGS.expensive_examples))
         result = {
-            "training": label(row),
+            "training": run_folder.label(config),
             "method": config.method,
             "m": config.replays,
-            **{COLUMNS[k]: round(v, 2) for k, v in accuracies.items()},
+            **{COLUMNS[k][0]: round(v, 2) for k, v in accuracies.items()},
             "train_minutes": round(trained["train_minutes"], 2),
             "eval_minutes": round((time.time() - start) / 60, 2),
             "iterations": trained["iterations"],
         }
         if config.method == "pgd":
             result["pgd_steps"] = config.pgd_steps
+        saved = None
     subset = FLAGS.expensive_examples
     if result.get("examples", {}).get("pgd100") != subset or "pgd20_subset" not in result:
         # PGD-20 on the same images as the expensive attacks, so that the
         # gradient-masking check compares like with like.
-        result["pgd20_subset"] = round(_attack(model_dir, ["pgd20"], subset)["pgd20"], 2)
+        result["pgd20_subset"] = round(attack(model_dir, ["pgd20"], subset)["pgd20"], 2)
         result["examples"] = {
             **dict.fromkeys(CHEAP, 10_000),
             **dict.fromkeys(EXPENSIVE + ["pgd20_subset"], subset),
@@ -140,37 +152,35 @@ def run_row(row: str) -> dict:
     if aa and result.get("examples", {}).get("autoattack") != aa:
         # Filled in for finished rows too: the column came after the table.
         print(f"== {row}: AutoAttack (standard) on the first {aa} test images", flush=True)
-        accuracies = _attack(model_dir, ["autoattack"], aa)
+        accuracies = attack(model_dir, ["autoattack"], aa)
         result["autoattack"] = round(accuracies["autoattack"], 2)
         result["autoattack_after"] = {
             k[len("autoattack[") : -1]: round(v, 2) for k, v in accuracies.items() if "[" in k
         }
         result["examples"]["autoattack"] = aa
-    with open(done, "w") as f:
-        json.dump(result, f, indent=2)
+    if result != saved:
+        run_folder.write_json(done, result)
     return result
 
 
 def write_table(results: list[dict]) -> None:
     os.makedirs(FLAGS.out, exist_ok=True)
-    with open(os.path.join(FLAGS.out, "fashion_mnist.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    examples = FLAGS.expensive_examples
-    columns = list(COLUMNS.values()) + ["pgd20_subset"]
-    header = (
-        "| Training | natural | PGD-20 | PGD-100 | CW-100 | 10-restart PGD-20 "
-        f"| PGD-20 (first {examples}) |"
-    )
-    aa = FLAGS.autoattack_examples
+    run_folder.write_json(os.path.join(FLAGS.out, "fashion_mnist.json"), results)
+    examples, aa = FLAGS.expensive_examples, FLAGS.autoattack_examples
+    headers = dict(COLUMNS.values())
+    headers["pgd20_subset"] = f"PGD-20 (first {examples})"
     if aa:
-        columns.append("autoattack")
-        header += f" AutoAttack (first {aa}) |"
-    header += " train time (min) |"
-    lines = [header, "|---" * (len(columns) + 2) + "|"]
-    for r in results:
-        cells = [f"{r[c]:.2f}%" if c in r else "" for c in columns]
-        cells.append(f"{r['train_minutes']:.1f}")
-        lines.append(f"| {r['training']} | " + " | ".join(cells) + " |")
+        headers["autoattack"] = f"AutoAttack (first {aa})"
+    minutes = "train time (min)"
+    rows = [
+        {
+            "training": r["training"],
+            **{header: float(r[key]) for key, header in headers.items() if key in r},
+            minutes: f"{r['train_minutes']:.1f}",
+        }
+        for r in results
+    ]
+    table = evaluation.to_markdown(rows, [*headers.values(), minutes])
     note = (
         "\nFashion-MNIST, small CNN (conv32-conv64-dense256), ε=0.1 (25.5/255), batch 128, SGD "
         "momentum 0.9, cosine LR from 0.05, a budget of 8 natural epochs for every row (free "
@@ -187,8 +197,8 @@ def write_table(results: list[dict]) -> None:
         "(this project's machine), no XLA. Made by `python scripts/reproduce_fashion_mnist.py`.\n"
     )
     with open(os.path.join(FLAGS.out, "fashion_mnist.md"), "w") as f:
-        f.write("\n".join(lines) + "\n" + note)
-    print("\n".join(lines))
+        f.write(table + "\n" + note)
+    print(table)
 
 
 def main(argv):

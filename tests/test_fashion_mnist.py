@@ -51,7 +51,7 @@ def _train_and_attack(model, epochs, train, test):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=False,  # XLA is slower on CPU (scripts/benchmark.py)
     )
-    model.fit(train, epochs=epochs, verbose=0)
+    model.fit(train, epochs=epochs, verbose=0, shuffle=False)  # the dataset shuffles
     assert int(model.optimizer.iterations) == iterations
     clean = attacks.accuracy_under_attack(model, test, verbose=False)
     robust = attacks.accuracy_under_attack(

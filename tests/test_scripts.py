@@ -1,0 +1,90 @@
+"""scripts/reproduce_fashion_mnist.py and scripts/figures.py on run folders, without training."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tf_free.config import TrainConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"}
+SCRIPTS = os.path.join(REPO, "scripts")
+
+# A finished row as scripts/reproduce_fashion_mnist.py writes it (accuracies in %).
+FINISHED = {
+    "training": "free m=2",
+    "method": "free",
+    "m": 2,
+    "natural": 87.9,
+    "pgd20": 67.41,
+    "pgd100": 64.75,
+    "cw100": 65.8,
+    "pgd20_restarts10": 65.2,
+    "train_minutes": 2.65,
+    "eval_minutes": 5.22,
+    "iterations": 3752,
+    "pgd20_subset": 66.45,
+    "examples": {
+        "natural": 10000,
+        "pgd20": 10000,
+        "pgd100": 2000,
+        "cw100": 2000,
+        "pgd20x10": 2000,
+        "pgd20_subset": 2000,
+        "autoattack": 1000,
+    },
+    "autoattack": 63.9,
+    "autoattack_after": {"apgd-ce": 64.7, "apgd-t": 64.0, "fab-t": 64.0, "square": 63.9},
+}
+
+
+def _run(*args, cwd=REPO):
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_reproduce_reads_finished_rows_without_touching_them(tmp_path):
+    row = tmp_path / "runs" / "free_m2"
+    row.mkdir(parents=True)
+    # Trained elsewhere: the folder has moved since.
+    (row / "config.json").write_text(
+        TrainConfig(method="free", m=2, model_dir="/elsewhere/free_m2").to_json()
+    )
+    done = row / "reproduce.json"
+    done.write_text(json.dumps(FINISHED, indent=2))
+    before = done.stat().st_mtime_ns
+    out = tmp_path / "out"
+    script = os.path.join(SCRIPTS, "reproduce_fashion_mnist.py")
+    result = _run(script, f"--runs={tmp_path / 'runs'}", f"--out={out}", "--rows=free_m2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "fashion_mnist.json").read_text()) == [FINISHED]
+    table = (out / "fashion_mnist.md").read_text().splitlines()
+    assert table[0] == (
+        "| Training | natural | PGD-20 | PGD-100 | CW-100 | 10-restart PGD-20 "
+        "| PGD-20 (first 2000) | AutoAttack (first 1000) | train time (min) |"
+    )
+    assert table[2] == (
+        "| free m=2 | 87.90% | 67.41% | 64.75% | 65.80% | 65.20% | 66.45% | 63.90% | 2.6 |"
+    )
+    assert done.stat().st_mtime_ns == before  # nothing new: not rewritten
+
+
+def test_reproduce_rows_are_valid_runs():
+    code = (
+        "import reproduce_fashion_mnist as r; r.FLAGS(['x']); "
+        "[r.row_config(row).validate() for row in r.ROWS]; "
+        "print(sorted(r.run_folder.label(r.row_config(row)) for row in r.ROWS))"
+    )
+    result = _run("-c", code, cwd=SCRIPTS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "PGD-7" in result.stdout and "free m=10" in result.stdout
+
+
+def test_figures_name_the_missing_runs(tmp_path):
+    script = os.path.join(SCRIPTS, "figures.py")
+    result = _run(script, f"--runs={tmp_path}", f"--out={tmp_path}", "--figures=2,3,4")
+    assert result.returncode == 1
+    assert "Fig. 2 needs the trained natural, pgd7, free_m8 model(s)" in result.stderr
+    assert "python scripts/reproduce_fashion_mnist.py" in result.stderr
