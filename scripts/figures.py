@@ -116,7 +116,7 @@ def row_config(row: str) -> TrainConfig | None:
     """
     folder = os.path.join(FLAGS.runs, row)
     try:
-        return dataclasses.replace(run_folder.read_config(folder), model_dir=folder)
+        return run_folder.read_config(folder)
     except ConfigError:
         return None
 

@@ -93,10 +93,8 @@ def row_config(row: str) -> TrainConfig:
 
 def attack(model_dir: str, names, num_examples=None) -> dict:
     """Accuracies (%) of the run's exported model on the first `num_examples` test images."""
-    # The folder may have moved since training: its export is looked up where it is now.
     config = dataclasses.replace(
         run_folder.read_config(model_dir),
-        model_dir=model_dir,
         batch_size=500,  # the evaluation batch
         eval_examples=num_examples,
     )

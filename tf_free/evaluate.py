@@ -92,8 +92,7 @@ def evaluate(f=FLAGS) -> dict:
         bool(f.model_dir) != bool(f.saved_model), "give exactly one of --model_dir or --saved_model"
     )
     run = run_folder.read_config(f.model_dir) if f.model_dir else None
-    # The folder may have moved since training: its export is looked up where it is now.
-    saved_model = f.saved_model or (run and run.export_dir) or os.path.join(f.model_dir, "export")
+    saved_model = f.saved_model or run_folder.export_dir(run)
     dataset = f.dataset or (run and run.dataset)
     epsilon = f.epsilon if f.epsilon is not None else (run and run.epsilon)
     step_size = f.step_size if f.step_size is not None else (run and run.eval_pgd_step_size)

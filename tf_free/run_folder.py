@@ -11,6 +11,7 @@ touches nothing. One process at a time trains in a folder (`tf_free.run_lock`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -49,15 +50,18 @@ def label(config: TrainConfig) -> str:
 
 
 def read_config(model_dir: str) -> TrainConfig:
-    """The `TrainConfig` a run folder was trained with (of this or an earlier version)."""
+    """The `TrainConfig` a run folder was trained with (of this or an earlier version),
+    with `model_dir` set to where the folder is now."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.exists(path):
         raise ConfigError(f"{path} not found: is {model_dir!r} a tf_free.train run?")
     try:
         with open(path) as f:
-            return from_json_dict(json.load(f))
+            config = from_json_dict(json.load(f))
     except (OSError, ValueError, TypeError) as e:
         raise ConfigError(f"cannot read {path}: {e}") from e
+    # The folder may have moved since training: its files are where it is now.
+    return dataclasses.replace(config, model_dir=model_dir)
 
 
 def write_json(path: str, value) -> None:
