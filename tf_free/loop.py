@@ -167,20 +167,14 @@ def fit(
     make_dataset: Callable[[int, int], tf.data.Dataset],
     *,
     strategy: tf.distribute.Strategy,
-    passes: int | None = None,
-    batches_per_pass: int | None = None,
+    passes: int,
+    batches_per_pass: int,
     state: TrainState,
     total_batches: int | None = None,
     callbacks: list[keras.callbacks.Callback] = (),
     checkpoint_every: int = 0,
     verbose: int = 1,
     log_names: dict[str, str] | None = None,
-    # HANDOVER ALIASES: tf_free/experiment.py still calls fit(epochs=,
-    # steps_per_epoch=, total_steps=); remove these three (and `_one_of`) once
-    # it passes passes=, batches_per_pass=, total_batches=.
-    epochs: int | None = None,
-    steps_per_epoch: int | None = None,
-    total_steps: int | None = None,
 ) -> keras.callbacks.History:
     """Trains from where `state` stands to `passes` passes; checkpoints as it goes.
 
@@ -204,12 +198,6 @@ def fit(
       TrainingError: the loss became NaN or infinite (the checkpoint before it
         is kept), or a checkpoint could not be written.
     """
-    passes = _one_of("passes", passes, "epochs", epochs)
-    batches_per_pass = _one_of(
-        "batches_per_pass", batches_per_pass, "steps_per_epoch", steps_per_epoch
-    )
-    if total_steps is not None:
-        total_batches = _one_of("total_batches", total_batches, "total_steps", total_steps)
     callback_list = keras.callbacks.CallbackList(
         list(callbacks),
         add_history=True,
@@ -293,13 +281,6 @@ def fit(
         "training done: %d pass(es), %d iterations", int(state.passes_done), iterations(model)
     )
     return model.history
-
-
-def _one_of(name, value, old_name, old_value):
-    # HANDOVER: goes with fit's aliases above.
-    if (value is None) == (old_value is None):
-        raise TypeError(f"fit() takes {name}= (or, for now, {old_name}=), exactly one of them")
-    return old_value if value is None else value
 
 
 def _uses_xla(model) -> bool:
