@@ -546,7 +546,7 @@ def figure4() -> None:
         for eps in epsilons:
             t = time.time()
             name = "natural" if eps == 0 else f"pgd{steps}"
-            percent = evaluation.evaluate_attacks(
+            acc = evaluation.evaluate_attacks(
                 model,
                 dataset,
                 [name],
@@ -555,7 +555,6 @@ def figure4() -> None:
                 seed=FLAGS.seed,
                 verbose=False,
             )[name]
-            acc = percent / 100.0
             accuracy[row].append(acc)
             log(
                 f"Fig. 4: {label(row):>9}, ε={eps:<5g} ({eps255(eps)}): "

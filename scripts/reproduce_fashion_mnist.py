@@ -21,8 +21,9 @@ on the first --expensive_examples test images (default 2,000), step 0.01
 Training is `tf_free.experiment.train_and_evaluate`, the attacks
 `tf_free.evaluation.evaluate_attacks`, the table `tf_free.evaluation.to_markdown`;
 this script holds the sweep (its rows and columns). Accuracies in each row's
-`reproduce.json` and in `fashion_mnist.json` are percentages rounded to 0.01,
-as `evaluate_attacks` gives them.
+`reproduce.json` and in `fashion_mnist.json` are fractions rounded to 1e-4, as
+`evaluate_attacks` gives them (rows written in percent by tf_free 0.1 are
+converted when read); only the Markdown table shows percentages.
 """
 
 from __future__ import annotations
@@ -116,7 +117,9 @@ def run_row(row: str) -> dict:
     if os.path.exists(done) and not FLAGS.retrain:
         with open(done) as f:
             logging.info("%s: already done (%s)", row, done)
-            result = json.load(f)
+            # A 0.1 row (in percent) is read as fractions, and left as it is on disk
+            # unless a column is added.
+            result = _as_fractions(json.load(f))
         saved = copy.deepcopy(result)
     else:
         print(f"\n== {row}: training ({run_folder.label(config)})", flush=True)
@@ -129,10 +132,11 @@ def run_row(row: str) -> dict:
             "training": run_folder.label(config),
             "method": config.method,
             "m": config.replays,
-            **{COLUMNS[k][0]: round(v, 2) for k, v in accuracies.items()},
+            **{COLUMNS[k][0]: round(v, 4) for k, v in accuracies.items()},
             "train_minutes": round(trained["train_minutes"], 2),
             "eval_minutes": round((time.time() - start) / 60, 2),
             "iterations": trained["iterations"],
+            "accuracy_unit": "fraction",
         }
         if config.method == "pgd":
             result["pgd_steps"] = config.pgd_steps
@@ -141,7 +145,7 @@ def run_row(row: str) -> dict:
     if result.get("examples", {}).get("pgd100") != subset or "pgd20_subset" not in result:
         # PGD-20 on the same images as the expensive attacks, so that the
         # gradient-masking check compares like with like.
-        result["pgd20_subset"] = round(attack(model_dir, ["pgd20"], subset)["pgd20"], 2)
+        result["pgd20_subset"] = round(attack(model_dir, ["pgd20"], subset)["pgd20"], 4)
         result["examples"] = {
             **dict.fromkeys(CHEAP, 10_000),
             **dict.fromkeys(EXPENSIVE + ["pgd20_subset"], subset),
@@ -151,14 +155,27 @@ def run_row(row: str) -> dict:
         # Filled in for finished rows too: the column came after the table.
         print(f"== {row}: AutoAttack (standard) on the first {aa} test images", flush=True)
         accuracies = attack(model_dir, ["autoattack"], aa)
-        result["autoattack"] = round(accuracies["autoattack"], 2)
+        result["autoattack"] = round(accuracies["autoattack"], 4)
         result["autoattack_after"] = {
-            k[len("autoattack[") : -1]: round(v, 2) for k, v in accuracies.items() if "[" in k
+            k[len("autoattack[") : -1]: round(v, 4) for k, v in accuracies.items() if "[" in k
         }
         result["examples"]["autoattack"] = aa
     if result != saved:
         run_folder.write_json(done, result)
     return result
+
+
+def _as_fractions(result: dict) -> dict:
+    """A row of tf_free 0.1 (accuracies in percent) in this version's fractions."""
+    if result.get("accuracy_unit") == "fraction":
+        return result
+    keys = [key for key, _ in COLUMNS.values()] + ["pgd20_subset", "autoattack"]
+    result = {**result, **{k: round(result[k] / 100, 4) for k in keys if k in result}}
+    if "autoattack_after" in result:
+        result["autoattack_after"] = {
+            k: round(v / 100, 4) for k, v in result["autoattack_after"].items()
+        }
+    return {**result, "accuracy_unit": "fraction"}
 
 
 def write_table(results: list[dict]) -> None:

@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"}
 SCRIPTS = os.path.join(REPO, "scripts")
 
-# A finished row as scripts/reproduce_fashion_mnist.py writes it (accuracies in %).
+# A finished row as scripts/reproduce_fashion_mnist.py of tf_free 0.1 wrote it (accuracies in %).
 FINISHED = {
     "training": "free m=2",
     "method": "free",
@@ -59,7 +59,21 @@ def test_reproduce_reads_finished_rows_without_touching_them(tmp_path):
     script = os.path.join(SCRIPTS, "reproduce_fashion_mnist.py")
     result = _run(script, f"--runs={tmp_path / 'runs'}", f"--out={out}", "--rows=free_m2")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((out / "fashion_mnist.json").read_text()) == [FINISHED]
+    # Read in this version's unit, fractions (the 0.1 row was in percent).
+    (converted,) = json.loads((out / "fashion_mnist.json").read_text())
+    assert converted["accuracy_unit"] == "fraction"
+    assert (converted["natural"], converted["pgd20"], converted["autoattack"]) == (
+        0.879,
+        0.6741,
+        0.639,
+    )
+    assert converted["autoattack_after"] == {
+        "apgd-ce": 0.647,
+        "apgd-t": 0.64,
+        "fab-t": 0.64,
+        "square": 0.639,
+    }
+    assert (converted["train_minutes"], converted["iterations"]) == (2.65, 3752)
     table = (out / "fashion_mnist.md").read_text().splitlines()
     assert table[0] == (
         "| Training | natural | PGD-20 | PGD-100 | CW-100 | 10-restart PGD-20 "

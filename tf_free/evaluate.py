@@ -82,7 +82,7 @@ def evaluate(f=FLAGS) -> dict:
     """Runs the attacks, prints the table, merges the results into the output file.
 
     Returns:
-      The table's row: {"training": label, attack name: accuracy in %, ...}.
+      The table's row: {"training": label, attack name: accuracy (a fraction), ...}.
 
     Raises:
       ConfigError: a bad flag or input, before any attack runs.
@@ -171,7 +171,7 @@ def evaluate(f=FLAGS) -> dict:
             "examples": examples,
             "epsilon_255": epsilon,
             "step_size_255": step_size,
-            "accuracy": accuracies[name] / 100.0,
+            "accuracy": accuracies[name],
             "seconds": round(details[name]["seconds"], 2),
             **(
                 {

@@ -1,7 +1,7 @@
 """Evaluation helpers shared by the CLIs and scripts: attack names, tables, result files.
 
-Accuracies are fractions in [0, 1] in the result files; `evaluate_attacks` and
-the Markdown tables use percentages, as the paper's tables do.
+Accuracies are fractions in [0, 1] everywhere in the code and the result
+files; only the printed Markdown tables show percentages, as the paper's do.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ AUTOATTACK_NAMES = ("autoattack", "autoattack-fast", *attacks.ensemble.ATTACKS)
 def evaluate_attacks(
     logits_fn, dataset, names, *, epsilon, step_size, seed=0, verbose=True, details=None
 ):
-    """Accuracy (in %) under each named attack.
+    """Accuracy (a fraction in [0, 1]) under each named attack.
 
     Names: natural; pgdK, cwK, pgdKxR (`pgd20x10` is PGD-20 with 10 random
     restarts, `cw100` PGD-100 on the Carlini-Wagner margin, the paper's CW-100
@@ -53,16 +53,14 @@ def evaluate_attacks(
             )
             if version:  # the robust accuracy after each attack, then the final one
                 for attack, accuracy in outcome["robust"].items():
-                    results[f"{name}[{attack}]"] = 100.0 * accuracy
-            results[name] = 100.0 * outcome["final"]
+                    results[f"{name}[{attack}]"] = accuracy
+            results[name] = outcome["final"]
             if details is not None:
                 details[name] = {"autoattack": outcome}
         elif kwargs is None:
-            results[name] = 100.0 * attacks.accuracy_under_attack(
-                logits_fn, dataset, verbose=verbose
-            )
+            results[name] = attacks.accuracy_under_attack(logits_fn, dataset, verbose=verbose)
         else:
-            results[name] = 100.0 * attacks.accuracy_under_attack(
+            results[name] = attacks.accuracy_under_attack(
                 logits_fn,
                 dataset,
                 attacks.pgd,
@@ -105,12 +103,12 @@ def attack_from_name(name: str):
 
 
 def to_markdown(rows: list[dict], columns: list[str]) -> str:
-    """A Markdown table shaped like the paper's Table 1."""
+    """A Markdown table shaped like the paper's Table 1: accuracies (fractions) as percentages."""
     header = "| Training | " + " | ".join(columns) + " |"
     lines = [header, "|" + "---|" * (len(columns) + 1)]
     for row in rows:
         cells = [
-            f"{row[c]:.2f}%" if isinstance(row.get(c), float) else str(row.get(c, ""))
+            f"{100 * row[c]:.2f}%" if isinstance(row.get(c), float) else str(row.get(c, ""))
             for c in columns
         ]
         lines.append(f"| {row['training']} | " + " | ".join(cells) + " |")
