@@ -242,7 +242,7 @@ def _make_or_restore(config, info, budget, strategy, chief):
         raise ConfigError(str(e)) from e
     if chief:  # only now: a run that cannot resume leaves the folder as it was
         run_folder.write_config(config)
-    if resumed and int(state.epoch) >= budget.passes:
+    if resumed and int(state.passes_done) >= budget.passes:
         logging.info(
             "%s holds a finished run (%s): evaluating and exporting it",
             config.model_dir,
@@ -252,9 +252,9 @@ def _make_or_restore(config, info, budget, strategy, chief):
         logging.info(
             "Resuming from %s: pass %d of %d, batch %d of %d, iteration %d of %d",
             state.latest,
-            int(state.epoch) + 1,
+            int(state.passes_done) + 1,
             budget.passes,
-            int(state.batch),
+            int(state.batches_done),
             budget.batches_per_pass,
             loop.iterations(trainer.model),
             budget.total_iterations,

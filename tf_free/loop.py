@@ -104,16 +104,6 @@ class TrainState:
             write_dir = os.path.join(directory, f".worker-{strategy.cluster_resolver.task_id}")
         self.manager = tf.train.CheckpointManager(self.checkpoint, write_dir, max_to_keep)
 
-    # HANDOVER ALIASES: tf_free/experiment.py still reads `state.epoch` and
-    # `state.batch`; remove these two once it reads `passes_done`/`batches_done`.
-    @property
-    def epoch(self) -> tf.Variable:
-        return self.passes_done
-
-    @property
-    def batch(self) -> tf.Variable:
-        return self.batches_done
-
     @property
     def latest(self) -> str | None:
         return tf.train.latest_checkpoint(self.directory)
