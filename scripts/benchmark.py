@@ -249,17 +249,6 @@ def describe(config: TrainConfig, trainer, strategy) -> str:
     )
 
 
-def train_function(model, strategy, dataset):
-    """The step of `tf_free.loop.fit` and its iterator over the distributed `dataset`.
-
-    `loop` has no public name for these: its private `_build_metrics`,
-    `_make_train_function` and `_distribute` are used as `fit` uses them.
-    """
-    loop._build_metrics(model, strategy, dataset.element_spec)
-    step = loop._make_train_function(model, strategy)
-    return step, iter(loop._distribute(strategy, dataset))
-
-
 def run_step(step, iterator) -> float:
     """Seconds for one step, until its outputs are Python floats (as the loop reads them)."""
     start = time.perf_counter()
@@ -357,7 +346,7 @@ def time_methods(methods, jit, settings, info, strategy, ds, batch):
         with PeakMemory() as memory:
             trainer = build(config, info, strategy, settings[method])
             print(describe(config, trainer, strategy), flush=True)
-            step, iterator = train_function(trainer.model, strategy, ds)
+            step, iterator = loop.train_function(trainer.model, strategy, ds)
             start = time.perf_counter()
             for _ in range(FLAGS.warmup):
                 run_step(step, iterator)

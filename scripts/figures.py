@@ -236,9 +236,6 @@ def replay_config(m: int) -> TrainConfig:
     return TrainConfig(
         method="free",
         epsilon=0.0,
-        # At ε=0 δ stays 0 whatever its step; the default step (ε) is 0, which
-        # FreeAdversarialModel rejects.
-        step_size=1.0,
         m=m,
         epochs=epochs,
         train_examples=n,

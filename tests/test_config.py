@@ -199,3 +199,11 @@ def test_locked_takes_the_folder_lock_once(tmp_path):
                 pass
     with run_folder.locked(config):  # released
         pass
+
+
+def test_free_training_at_epsilon_zero_builds():
+    """ε=0 (natural training replayed m times, the paper's Fig. 1) is a valid run."""
+    config = TrainConfig(method="free", epsilon=0.0, m=4)
+    config.validate()
+    model, _ = experiment.build_model(config, experiment.dataset_info(config))
+    assert (model.epsilon, model.step_size, model.replays) == (0.0, 0.0, 4)

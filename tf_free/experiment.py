@@ -89,7 +89,8 @@ def build_model(config: TrainConfig, info) -> tuple[keras.Model, keras.Model]:
             base,
             epsilon=epsilon,
             replays=config.m,
-            step_size=config.free_step_size / 255.0,
+            # Unset: the model's default, ε (so ε=0 is natural training replayed m times).
+            step_size=None if config.step_size is None else config.step_size / 255.0,
             delta_projection=config.free_delta_projection,
         )
     elif config.method == "pgd":

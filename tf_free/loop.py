@@ -287,6 +287,16 @@ def _disable_xla(model) -> None:
         model.jit_compile = False
 
 
+def train_function(model, strategy, dataset: tf.data.Dataset):
+    """The step `fit` runs, and an iterator over `dataset` distributed as `fit` does it.
+
+    `step(iterator)` trains on the next global batch and returns the metrics
+    (the mean over replicas). For timing one step (scripts/benchmark.py).
+    """
+    _build_metrics(model, strategy, dataset.element_spec)
+    return _make_train_function(model, strategy), iter(_distribute(strategy, dataset))
+
+
 def _make_train_function(model, strategy):
     """One training step on the next global batch, as Keras's fit makes it."""
     step_function = model.train_step
