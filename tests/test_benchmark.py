@@ -5,8 +5,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+# End-to-end: subprocesses and real training (`-m 'not slow'` skips them).
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"}
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 def test_weak_scaling_smoke(tmp_path):

@@ -7,8 +7,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import compile_model, make_base, make_batches
 from tensorboard.backend.event_processing import event_accumulator
-from test_free import compile_model, make_base, make_batches
 
 from tf_free import attacks, callbacks, loop
 

@@ -109,6 +109,7 @@ def test_runtime_settings_are_those_declared_runtime():
 # --- config.json of earlier versions -------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_0_1_config_json_reads_as_the_same_run():
     old = config_lib.from_json_dict(CONFIG_0_1)
     assert old.model_hparams == {}
@@ -132,6 +133,7 @@ def test_a_setting_missing_from_an_old_file_takes_its_legacy_value():
     ]
 
 
+@pytest.mark.slow
 def test_a_run_with_a_0_1_config_json_resumes(tmp_path):
     """A finished run whose config.json is in the 0.1 format is evaluated and exported
     again (not refused as another run), with the same weights."""

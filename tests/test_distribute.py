@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_free import EPSILON, IMAGE_SHAPE, as_dataset, compile_model, make_base, make_batches
+from helpers import EPSILON, IMAGE_SHAPE, as_dataset, compile_model, make_base, make_batches
 
 from tf_free import FreeAdversarialModel, PGDAdversarialModel
 

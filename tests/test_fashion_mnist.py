@@ -11,6 +11,9 @@ import pytest
 from tf_free import FreeAdversarialModel, attacks, data
 from tf_free.models import small_cnn
 
+# End-to-end: subprocesses and real training (`-m 'not slow'` skips them).
+pytestmark = pytest.mark.slow
+
 TRAIN_EXAMPLES, BATCH, NATURAL_EPOCHS, REPLAYS = 15_000, 128, 4, 4
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags as absl_flags
-from test_train_app import REPO, run_module
+from helpers import REPO, run_module
 
 from tf_free import config as config_lib
 from tf_free import experiment, optimization
@@ -69,6 +69,7 @@ def test_imagenet_flagfiles_keep_the_papers_epoch_rule(flagfile, monkeypatch):
         assert f"{budget.total_iterations:,} iterations" in f.readline()
 
 
+@pytest.mark.slow
 def test_an_iteration_budget_stops_within_a_pass_and_resumes_there(tmp_path):
     config = experiment.TrainConfig(
         m=2,
@@ -88,6 +89,7 @@ def test_an_iteration_budget_stops_within_a_pass_and_resumes_there(tmp_path):
     assert again["iterations"] == 20 and again["weights_sha256"] == results["weights_sha256"]
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_plan_and_reads_no_data(tmp_path):
     result = run_module(
         "tf_free.train",

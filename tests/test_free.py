@@ -4,50 +4,18 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import (
+    EPSILON,
+    IMAGE_SHAPE,
+    LR,
+    MOMENTUM,
+    as_dataset,
+    compile_model,
+    make_base,
+    make_batches,
+)
 
 from tf_free import FreeAdversarialModel, PGDAdversarialModel
-
-EPSILON = 0.1
-LR, MOMENTUM = 0.05, 0.9
-IMAGE_SHAPE = (8, 8, 1)
-
-
-def make_base(seed=0):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential(
-        [
-            keras.Input(IMAGE_SHAPE),
-            keras.layers.Conv2D(4, 3, activation="relu"),
-            keras.layers.Flatten(),
-            keras.layers.Dense(3),
-        ]
-    )
-
-
-def make_batches(sizes, seed=1):
-    rng = np.random.default_rng(seed)
-    return [
-        (rng.uniform(size=(n, *IMAGE_SHAPE)).astype("float32"), rng.integers(0, 3, n))
-        for n in sizes
-    ]
-
-
-def as_dataset(batches):
-    x = np.concatenate([b[0] for b in batches])
-    y = np.concatenate([b[1] for b in batches])
-    sizes = [len(b[1]) for b in batches]
-    assert len(set(sizes[:-1])) <= 1, "only the last batch may be short"
-    return tf.data.Dataset.from_tensor_slices((x, y)).batch(sizes[0])
-
-
-def compile_model(model, jit_compile=False):
-    model.compile(
-        optimizer=keras.optimizers.SGD(LR, momentum=MOMENTUM),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-        jit_compile=jit_compile,
-    )
-    return model
 
 
 def reference_free(base, batches, *, epsilon, replays, step_size, warm_start=True):

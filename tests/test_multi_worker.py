@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+# End-to-end: subprocesses and real training (`-m 'not slow'` skips them).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(ROOT, "scripts", "launch_local_workers.sh")
 FLAGS = [
@@ -78,7 +81,7 @@ def test_two_workers_match_one_worker_on_the_same_global_batch(two_workers, tmp_
         capture_output=True,
         text=True,
         timeout=600,
-        env=dict(_env(), PYTHONPATH=ROOT),
+        env=_env(),
         cwd=ROOT,
     )
     assert run.returncode == 0, run.stderr[-3000:]

@@ -18,11 +18,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import EPSILON, IMAGE_SHAPE, compile_model, make_base, make_batches, tree_digest
 from tensorboard.backend.event_processing import event_accumulator
-from test_free import EPSILON, IMAGE_SHAPE, compile_model, make_base, make_batches
-from test_train_app import tree_digest
 
 from tf_free import FreeAdversarialModel, loop
+
+# End-to-end: subprocesses and real training (`-m 'not slow'` skips them).
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 2 passes x 63 batches x 2 replays = 252 iterations.
@@ -42,7 +44,7 @@ def _command(model_dir, *flags):
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
 def _run(model_dir, *flags, preexec_fn=None):

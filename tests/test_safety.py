@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from test_train_app import ENV, REPO, TINY, run_module, tree_digest
+from helpers import ENV, REPO, TINY, run_module, tree_digest
 
 from tf_free import evaluation, experiment, export, run_folder, run_lock
 
@@ -67,6 +67,7 @@ def tiny_run_dir(trained_run, tmp_path):
 # --- A safe export target ------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "export_dir, model_dir, message",
     [
@@ -94,6 +95,7 @@ def test_export_target_that_is_not_ours_is_refused_before_training(
     assert tree_digest(str(sandbox)) == before
 
 
+@pytest.mark.slow
 def test_kill_between_the_export_renames_is_recovered_by_evaluate(tiny_run_dir, tmp_path):
     """SIGKILL after the old export moved aside and before the new one moved in."""
     target = os.path.join(tiny_run_dir, "export")
@@ -117,6 +119,7 @@ def test_kill_between_the_export_renames_is_recovered_by_evaluate(tiny_run_dir, 
 # --- One writer per run folder -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_while_the_first_finishes(tmp_path):
     model_dir = tmp_path / "run"
     flags = [*TINY_FLAGS, f"--model_dir={model_dir}", "--train_examples=2048", "--epochs=4"]
@@ -144,6 +147,7 @@ def test_a_second_writer_is_refused_while_the_first_finishes(tmp_path):
         assert json.load(f)["iterations"] == 2 * 32 * 2  # 4 epochs / m=2 passes of 32 batches
 
 
+@pytest.mark.slow
 def test_a_stale_lock_is_taken_over_with_a_log_line(tmp_path):
     model_dir = tmp_path / "run"
     model_dir.mkdir()
@@ -169,6 +173,7 @@ def test_run_lock_in_process(tmp_path):
 # --- Results that survive ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_evaluate_merges_results_and_prints_before_writing(tiny_run_dir, tmp_path):
     output = tmp_path / "eval.json"
     args = [f"--model_dir={tiny_run_dir}", f"--output={output}", "--step_size=10"]
@@ -203,6 +208,7 @@ def read_only_run(tiny_run_dir, tmp_path):
         subprocess.run(["umount", str(mount_point)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_evaluate_on_a_read_only_folder_prints_the_table_and_says_where(read_only_run):
     before = tree_digest(read_only_run)
     result = run_module(
@@ -235,6 +241,7 @@ def test_merge_results_is_atomic_and_keeps_foreign_files(tmp_path):
 # --- Every value checked before work starts --------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -257,6 +264,7 @@ def test_train_rejects_bad_values_before_any_work(tmp_path, args, message):
     assert not model_dir.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -279,6 +287,7 @@ def test_evaluate_rejects_bad_values_before_any_attack(tiny_run_dir, args, messa
     assert tree_digest(tiny_run_dir) == before
 
 
+@pytest.mark.slow
 def test_evaluate_rejects_a_checkpoint_folder_as_saved_model(tiny_run_dir):
     result = run_module(
         "tf_free.evaluate",

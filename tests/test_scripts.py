@@ -5,10 +5,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tf_free.config import TrainConfig
 
+# End-to-end: subprocesses and real training (`-m 'not slow'` skips them).
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"}
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 SCRIPTS = os.path.join(REPO, "scripts")
 
 # A finished row as scripts/reproduce_fashion_mnist.py of tf_free 0.1 wrote it (accuracies in %).

@@ -38,7 +38,9 @@ pytestmark = pytest.mark.skipif(
 def _bash(script, tmp_path, **env):
     """Runs `script` in a fresh non-interactive bash from tmp_path; returns (rc, stdout, stderr)."""
     full_env = {
-        k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "BASH_ENV")
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("VIRTUAL_ENV", "PYTHONPATH", "BASH_ENV", "TF_CPP_MIN_LOG_LEVEL")
     }
     full_env.update(TF_FREE_VENV=VENV, FASHION_MNIST_DIR=FASHION_MNIST_DIR, SETUP=SETUP)
     full_env.update(env)
@@ -68,7 +70,7 @@ def test_sourcing_restores_the_callers_options_and_sets_up_the_environment(tmp_p
         'source "$SETUP"\n'
         'source "$SETUP"  # idempotent\n'
         '[[ "$- $(set +o)" == "$before" ]] && echo same-options\n'
-        'echo "$PWD|$VIRTUAL_ENV|$PYTHONPATH|$TF_CPP_MIN_LOG_LEVEL"\n'
+        'echo "$PWD|$VIRTUAL_ENV|${PYTHONPATH:-}|$TF_CPP_MIN_LOG_LEVEL"\n'
         "set | grep -c '^_tf_free_setup' || true\n",
         tmp_path,
     )

@@ -1,7 +1,6 @@
 """The training application: flags, a real end-to-end run, TensorBoard, export, evaluate CLI."""
 
 import glob
-import hashlib
 import json
 import os
 import subprocess
@@ -11,49 +10,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags as absl_flags
+from helpers import ENV, REPO, TINY, run_module, tree_digest
 from tensorboard.backend.event_processing import event_accumulator
 
 from tf_free import data, experiment, export
 from tf_free import train as train_cli
 from tf_free.models import small_cnn
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"}
-TINY = dict(
-    dataset="fashion_mnist",
-    method="free",
-    m=2,
-    epochs=2,
-    batch_size=64,
-    train_examples=512,
-    eval_examples=128,
-    eval_pgd_steps=3,
-    eval_pgd_step_size=10.0,
-    verbose=0,
-)
-
-
-def run_module(module, *args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def tree_digest(folder):
-    """Hash of every file's path and bytes under `folder`."""
-    digest = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(folder, "**"), recursive=True)):
-        digest.update(path.encode())
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                digest.update(f.read())
-    return digest.hexdigest()
-
 
 # --- Flags ------------------------------------------------------------------
 
@@ -124,6 +86,7 @@ def used_model_dir(tmp_path):
     return str(folder)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -153,6 +116,7 @@ def test_bad_input_fails_fast_with_one_line_and_loses_nothing(used_model_dir, ar
     assert tree_digest(used_model_dir) == before
 
 
+@pytest.mark.slow
 def test_unwritable_model_dir_is_a_clear_error(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -173,6 +137,7 @@ def tiny_run(tmp_path_factory):
     return config, results
 
 
+@pytest.mark.slow
 def test_run_writes_results_and_counts_iterations(tiny_run):
     config, results = tiny_run
     # 2 natural epochs / m=2 = 1 pass of 8 batches, 2 replays each.
@@ -184,6 +149,7 @@ def test_run_writes_results_and_counts_iterations(tiny_run):
     assert 0 <= results["pgd3_accuracy"] <= results["clean_accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_tensorboard_events_hold_training_and_robustness_metrics(tiny_run):
     config, results = tiny_run
     logs = os.path.join(config.model_dir, "logs")
@@ -214,6 +180,7 @@ def test_tensorboard_events_hold_training_and_robustness_metrics(tiny_run):
     assert decoded.shape[1] == 3 * 28  # clean | adversarial | perturbation
 
 
+@pytest.mark.slow
 def test_export_round_trip_in_a_fresh_process(tiny_run, tmp_path):
     config, results = tiny_run
     export_dir = results["export_dir"]
@@ -259,6 +226,7 @@ def test_export_round_trip_in_a_fresh_process(tiny_run, tmp_path):
     assert "DT_UINT8" in cli.stdout and "probabilities" in cli.stdout
 
 
+@pytest.mark.slow
 def test_export_replaces_only_an_old_export_of_ours(tiny_run, tmp_path):
     config, _ = tiny_run
     target = tmp_path / "export"
@@ -280,6 +248,7 @@ def test_export_replaces_only_an_old_export_of_ours(tiny_run, tmp_path):
     assert loaded(x).shape == (4, 10)
 
 
+@pytest.mark.slow
 def test_evaluate_cli_table_and_json(tiny_run):
     config, results = tiny_run
     result = run_module(
@@ -300,12 +269,14 @@ def test_evaluate_cli_table_and_json(tiny_run):
     assert evaluation["training"] == "free m=2"
 
 
+@pytest.mark.slow
 def test_evaluate_cli_rejects_unknown_attack(tiny_run):
     config, _ = tiny_run
     result = run_module("tf_free.evaluate", f"--model_dir={config.model_dir}", "--attacks=pgdX")
     assert result.returncode != 0 and "unknown attack 'pgdX'" in result.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_cli_autoattack_columns(tiny_run, tmp_path):
     config, _ = tiny_run
     output = tmp_path / "eval.json"
