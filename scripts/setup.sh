@@ -39,7 +39,9 @@ set +e
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -r "$REPO/requirements.txt"
     # 3. The project itself, editable: `import tf_free` works from any folder.
-    "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$REPO"
+    # (The venv's own setuptools builds it; without one, pip fetches it.)
+    "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$REPO" ||
+      "$VENV/bin/python" -m pip install -q --no-deps -e "$REPO"
     echo "$WANT" >"$STAMP"
   fi
 )
