@@ -6,12 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ENV, REPO
 
 # End-to-end: subprocesses and real training (`-m 'not slow'` skips them).
 pytestmark = pytest.mark.slow
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 def test_weak_scaling_smoke(tmp_path):

@@ -6,14 +6,13 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ENV, REPO
 
 from tf_free.config import TrainConfig
 
 # End-to-end: subprocesses and real training (`-m 'not slow'` skips them).
 pytestmark = pytest.mark.slow
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 SCRIPTS = os.path.join(REPO, "scripts")
 
 # A finished row as scripts/reproduce_fashion_mnist.py of tf_free 0.1 wrote it (accuracies in %).
