@@ -68,6 +68,7 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import threading
 import time
 
@@ -80,7 +81,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tf_free import experiment, loop, run_folder, runtime  # noqa: E402
+from tf_free import experiment, loop, run_folder, runtime, summaries  # noqa: E402
 from tf_free.config import METHODS, PRECISIONS, ConfigError, TrainConfig  # noqa: E402
 
 # The dataset whose shape a model is timed on when --dataset is not given.
@@ -93,6 +94,7 @@ USUAL_DATASETS = {
     "resnet152": "imagenet2012",
 }
 ORDER = ("natural", "free", "pgd")  # table order
+LOGGED = "free+log"  # free training with the TensorBoard summaries (--log_every)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "small_cnn", "A model of tf_free.train's --model.")
@@ -153,6 +155,15 @@ flags.DEFINE_integer("iterations", 4, "Batches (train steps) per timed round.", 
 flags.DEFINE_list("methods", list(ORDER), "Methods to time, a subset of natural,free,pgd.")
 flags.DEFINE_integer("seed", 0, "Seed for data and weights.")
 flags.DEFINE_integer("data_batches", 4, "Distinct synthetic batches held in memory.", lower_bound=1)
+flags.DEFINE_integer(
+    "log_every",
+    0,
+    "Also time free training with the TensorBoard training summaries tf_free.train writes "
+    "(tf_free.summaries.TrainingSummaries) every N iterations, interleaved with the others, "
+    "and print their overhead; 0: off. tf_free.train's default is about 100 points per run "
+    "(the quick start: every 38 iterations).",
+    lower_bound=0,
+)
 flags.DEFINE_string("json_out", None, "Also write the configuration and results here as JSON.")
 
 
@@ -249,11 +260,13 @@ def describe(config: TrainConfig, trainer, strategy) -> str:
     )
 
 
-def run_step(step, iterator) -> float:
-    """Seconds for one step, until its outputs are Python floats (as the loop reads them)."""
+def run_step(step, iterator, callback=None) -> float:
+    """Seconds for one step, until its outputs are Python floats (as the loop reads them),
+    and then `callback.on_train_batch_end` (the TensorBoard summaries) if given."""
     start = time.perf_counter()
-    for value in step(iterator).values():
-        float(value)
+    logs = {name: float(value) for name, value in step(iterator).items()}
+    if callback is not None:
+        callback.on_train_batch_end(0, logs)
     return time.perf_counter() - start
 
 
@@ -320,7 +333,9 @@ def _time_round_robin(methods, trainers):
         for method in order:
             t = trainers[method]
             start = time.perf_counter()
-            times = [run_step(t["step"], t["iterator"]) for _ in range(FLAGS.iterations)]
+            times = [
+                run_step(t["step"], t["iterator"], t["callback"]) for _ in range(FLAGS.iterations)
+            ]
             wall = time.perf_counter() - start
             replays = t["config"].replays
             t["per_iteration"].append(sum(times) / (FLAGS.iterations * replays))
@@ -340,11 +355,13 @@ def time_methods(methods, jit, settings, info, strategy, ds, batch):
     trainers = {}
     replicas = strategy.num_replicas_in_sync
     load = _load_average()
+    if FLAGS.log_every and "free" in methods:
+        methods = [*methods, LOGGED]
     for method in methods:
-        config = train_config(method, info, batch, jit)
+        config = train_config(method.split("+")[0], info, batch, jit)
         rss_before = _rss_bytes()
         with PeakMemory() as memory:
-            trainer = build(config, info, strategy, settings[method])
+            trainer = build(config, info, strategy, settings[method.split("+")[0]])
             print(describe(config, trainer, strategy), flush=True)
             step, iterator = loop.train_function(trainer.model, strategy, ds)
             start = time.perf_counter()
@@ -359,6 +376,7 @@ def time_methods(methods, jit, settings, info, strategy, ds, batch):
             "memory": memory,
             "rss_before": rss_before,
             "warmup_s": warmup_s,
+            "callback": _summaries(trainer, config) if method == LOGGED else None,
             "per_iteration": [],
             "overhead": [],
             "step_ms": [],
@@ -392,10 +410,11 @@ def time_methods(methods, jit, settings, info, strategy, ds, batch):
             )
         seconds = statistics.median(t["per_iteration"])
         memory = t["memory"]
+        label = run_folder.label(t["config"])
         results.append(
             {
                 "method": method,
-                "label": run_folder.label(t["config"]),
+                "label": f"{label} +TB" if method == LOGGED else label,
                 "trainer": type(model).__name__,
                 "jit_compile": jit,
                 "xla": xla_label(model),
@@ -425,6 +444,21 @@ def time_methods(methods, jit, settings, info, strategy, ds, batch):
     keras.backend.clear_session()
     gc.collect()
     return results
+
+
+def _summaries(trainer, config):
+    """The training-summaries callback `tf_free.train` adds, writing to a temporary folder."""
+    callback = summaries.TrainingSummaries(
+        tempfile.mkdtemp(prefix="tf_free_benchmark_logs_"),
+        log_every=FLAGS.log_every,
+        epsilon=config.epsilon / 255.0,
+        perturbation=getattr(trainer.model, "perturbation", None),
+    )
+    callback.set_model(trainer.model)
+    callback.set_params({})
+    callback.on_train_begin()
+    callback.on_epoch_begin(0)
+    return callback
 
 
 def _load_average():
@@ -471,6 +505,15 @@ def print_table(rows, title):
                     f"free/natural = {r['ratio_to_natural']:.3f} (median), "
                     f"{r['best_ratio_to_natural']:.3f} (best)  "
                     f"(ideal 1.0, target <= 1.10: {verdict})"
+                )
+            if r["method"] == LOGGED:
+                free = next(x for x in rows if x["method"] == "free")
+                median = r["ms_per_iteration"] / free["ms_per_iteration"] - 1
+                best = r["ms_per_iteration_min"] / free["ms_per_iteration_min"] - 1
+                print(
+                    f"TensorBoard summaries every {FLAGS.log_every} iterations: "
+                    f"{100 * median:+.2f}% per iteration (median), {100 * best:+.2f}% (best) "
+                    "against free training without them (target < 2%)"
                 )
             if r["method"] == "pgd":
                 print(

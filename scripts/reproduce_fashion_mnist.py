@@ -37,7 +37,7 @@ import time
 
 from absl import app, flags, logging
 
-from tf_free import evaluation, experiment, export, run_folder
+from tf_free import evaluation, experiment, export, run_folder, summaries
 from tf_free.config import TrainConfig
 
 # The sweep: each row's settings on top of TrainConfig's defaults, which are
@@ -162,7 +162,33 @@ def run_row(row: str) -> dict:
         result["examples"]["autoattack"] = aa
     if result != saved:
         run_folder.write_json(done, result)
+    write_tensorboard(config, result)
     return result
+
+
+def write_tensorboard(config: TrainConfig, result: dict) -> None:
+    """The row's HParams session (if its training did not write one: an older row) and its
+    table columns as `logs/evaluation` scalars, so that TensorBoard's HParams table over
+    `--runs` compares the rows."""
+    log_dir = run_folder.log_dir(config.model_dir)
+    if not summaries.has_header(log_dir):
+        summaries.write_run_header(
+            config, log_dir, command="trained by an earlier tf_free (command not recorded)"
+        )
+    examples = result.get("examples", {})
+    names = {key: name for name, (key, _) in COLUMNS.items()}
+    values = {}
+    for key, value in result.items():
+        name = "autoattack" if key == "autoattack" else names.get(key)
+        if name is None or not isinstance(value, float):
+            continue
+        count = examples.get(name, 10_000)
+        values[name] = (
+            value,
+            f"{'Clean' if name == 'natural' else name} accuracy of the exported model on "
+            f"the first {count} test images (scripts/reproduce_fashion_mnist.py).",
+        )
+    summaries.write_evaluation(log_dir, values, result.get("iterations", 0))
 
 
 def _as_fractions(result: dict) -> dict:

@@ -113,16 +113,18 @@ def test_evaluates_every_k_passes_and_after_the_last_and_writes_tensorboard(tmp_
     """Through `loop.fit`, as the application runs it: 5 passes, every=2."""
     model = compile_model(make_base())
     model.optimizer.build(model.trainable_variables)
-    evaluation = _evaluation(tmp_path, every=2, previous_seconds=600.0)
+    evaluation = _evaluation(tmp_path, every=2, num_examples=40)
     spy = _Spy(evaluation)
     strategy = tf.distribute.get_strategy()
+    state = loop.TrainState(model, str(tmp_path / "checkpoints"), strategy)
+    state.eval_seconds.assign(600.0)  # 10 minutes of evaluation before a resume
     loop.fit(
         model,
         lambda pass_, skip: _train_dataset().skip(skip),
         strategy=strategy,
         passes=5,
         batches_per_pass=2,
-        state=loop.TrainState(model, str(tmp_path / "checkpoints"), strategy),
+        state=state,
         callbacks=[evaluation, spy],
         verbose=0,
     )
@@ -136,31 +138,58 @@ def test_evaluates_every_k_passes_and_after_the_last_and_writes_tensorboard(tmp_
 
     scalars = _tensors(str(tmp_path / "logs" / "robustness"))
     name = f"robustness/pgd{STEPS}_accuracy"
-    assert {
-        "robustness/clean_accuracy",
-        name,
-        "robustness/wall_time_minutes",
-        "robustness/iterations",
-        "adversarial_examples",
-    } <= set(scalars)
-    # Step = passes done; one value per evaluation, none in between.
-    for tag in ("robustness/clean_accuracy", name, "robustness/iterations"):
-        assert [step for step, _ in scalars[tag]] == [2, 4, 5], tag
-    by_pass = {epoch + 1: results for epoch, results, _ in spy.seen if results is not None}
+    image = f"x_adv/PGD-{STEPS}, ε=12.75/255"  # the attack and ε in the card's title
+    assert {"robustness/clean_accuracy", name, "time/eval_minutes", image} == set(scalars)
+    # Step = optimizer iterations (2 batches a pass); one value per evaluation.
+    for tag in ("robustness/clean_accuracy", name, "time/eval_minutes", image):
+        assert [step for step, _ in scalars[tag]] == [4, 8, 10], tag
+    by_iteration = {2 * (epoch + 1): r for epoch, r, _ in spy.seen if r is not None}
     for step, value in scalars["robustness/clean_accuracy"]:
-        assert value == np.float32(by_pass[step]["clean_accuracy"])
+        assert value == np.float32(by_iteration[step]["clean_accuracy"])
     for step, value in scalars[name]:
-        assert value == np.float32(by_pass[step][f"pgd{STEPS}_accuracy"])
-    # Optimizer steps so far: 2 batches a pass.
-    assert [int(v) for _, v in scalars["robustness/iterations"]] == [4, 8, 10]
-    # Training time counts the 10 minutes before a resume.
-    minutes = [float(v) for _, v in scalars["robustness/wall_time_minutes"]]
-    assert all(10.0 <= m < 15.0 for m in minutes) and minutes == sorted(minutes)
+        assert value == np.float32(by_iteration[step][f"pgd{STEPS}_accuracy"])
+    # Evaluation time counts the 10 minutes before a resume, and is kept in the state.
+    minutes = [float(v) for _, v in scalars["time/eval_minutes"]]
+    assert all(10.0 < m < 15.0 for m in minutes) and minutes == sorted(minutes)
+    assert float(state.eval_seconds) / 60 == pytest.approx(minutes[-1], abs=1e-4)
     # Clean | attacked | perturbation, side by side, for the first examples.
     # (tf.summary.image's tensor: width, height, then the 8 encoded images.)
-    assert [step for step, _ in scalars["adversarial_examples"]] == [2, 4, 5]
-    grid = scalars["adversarial_examples"][-1][1]
+    grid = scalars[image][-1][1]
     assert grid.shape == (2 + 8,) and list(grid[:2]) == [b"24", b"8"]
+
+
+def test_evaluates_every_n_iterations_and_after_the_last(tmp_path):
+    model = compile_model(make_base())
+    model.optimizer.build(model.trainable_variables)
+    evaluation = _evaluation(tmp_path, every_iterations=3)
+    strategy = tf.distribute.get_strategy()
+    loop.fit(
+        model,
+        lambda pass_, skip: _train_dataset().skip(skip),
+        strategy=strategy,
+        passes=4,
+        batches_per_pass=2,
+        state=loop.TrainState(model, str(tmp_path / "checkpoints"), strategy),
+        callbacks=[evaluation],
+        verbose=0,
+    )
+    scalars = _tensors(str(tmp_path / "logs" / "robustness"))
+    # Iterations 3 and 6 (mid-pass and at a pass end), then the end (8).
+    assert [step for step, _ in scalars["robustness/clean_accuracy"]] == [3, 6, 8]
+
+
+def test_descriptions_name_the_attack_and_the_examples(tmp_path):
+    model = compile_model(make_base())
+    evaluation = _evaluation(tmp_path, num_examples=40, class_names=[f"c{i}" for i in range(10)])
+    model.fit(_train_dataset(), epochs=1, verbose=0, shuffle=False, callbacks=[evaluation])
+    events = event_accumulator.EventAccumulator(str(tmp_path / "logs" / "robustness"))
+    events.Reload()
+    metadata = {tag: events.SummaryMetadata(tag) for tag in events.Tags()["tensors"]}
+    described = metadata[f"robustness/pgd{STEPS}_accuracy"].summary_description
+    assert "PGD-3 (ε=12.75/255, step 5.1/255, one random start)" in described
+    assert "the first 40 test examples" in described
+    image = metadata[f"x_adv/PGD-{STEPS}, ε=12.75/255"].summary_description
+    assert "1. c" in image and " → c" in image  # class names, not numbers
 
 
 def test_last_results_are_cleared_when_a_pass_is_not_evaluated(tmp_path):
@@ -175,7 +204,11 @@ def test_last_results_are_cleared_when_a_pass_is_not_evaluated(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(every=0), "every must be >= 1"), (dict(attack="fgsm"), "attack must be one of")],
+    [
+        (dict(every=0), "every must be >= 1"),
+        (dict(every_iterations=-1), "every_iterations must be >= 0"),
+        (dict(attack="fgsm"), "attack must be one of"),
+    ],
 )
 def test_bad_arguments_are_rejected(kwargs, message, tmp_path):
     with pytest.raises(ValueError, match=message):

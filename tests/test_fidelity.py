@@ -107,6 +107,7 @@ def test_dry_run_prints_the_plan_and_reads_no_data(tmp_path):
     assert "weight decay 0.0002 (coupled, as an L2 loss term) on kernels" in out
     assert "zero-pad 2 px" in out
     assert "epsilon      8/255 = 0.0313725" in out
+    assert "training scalars every 800 iterations (100 points)" in out
     assert not os.path.exists(tmp_path / "nothing_here") and not os.path.exists(tmp_path / "run")
 
 

@@ -68,6 +68,9 @@ def _run_and_kill(model_dir, checkpoint_number, *flags, sig=signal.SIGKILL):
         text=True,
         env=_env(),
         cwd=ROOT,
+        # A shell's background job ignores SIGINT, and Python keeps it ignored:
+        # give the run the default, whatever started pytest.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     # The `checkpoint` file names the latest checkpoint once it is complete.
     state_file = os.path.join(model_dir, "checkpoints", "checkpoint")
@@ -119,6 +122,19 @@ def _scalar_steps(log_dir, tag):
     return sorted(steps)
 
 
+def _scalar_values(log_dir, tag):
+    """The values of `tag` in step order, over every event file of the run."""
+    points = []
+    for path in glob.glob(os.path.join(log_dir, "events.out.tfevents.*")):
+        events = event_accumulator.EventAccumulator(path, size_guidance={"tensors": 0})
+        events.Reload()
+        if tag in events.Tags()["tensors"]:
+            points += [
+                (e.step, float(tf.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)
+            ]
+    return [value for _, value in sorted(points)]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     model_dir = str(tmp_path_factory.mktemp("uninterrupted"))
@@ -145,10 +161,24 @@ def test_sigkill_then_restart_resumes_exactly(uninterrupted, tmp_path, checkpoin
     # Op determinism: bitwise the weights of the run that was never killed.
     assert got["weights_sha256"] == want["weights_sha256"]
     assert got["clean_accuracy"] == want["clean_accuracy"]
-    # TensorBoard curves continue: each epoch once, no gap, no repeat.
-    logs = os.path.join(model_dir, "logs")
-    assert _scalar_steps(os.path.join(logs, "train"), "epoch_adv_loss") == [0, 1]
-    assert _scalar_steps(os.path.join(logs, "robustness"), "robustness/clean_accuracy") == [1, 2]
+    # TensorBoard curves continue on the iteration axis: each point once, no gap, no repeat.
+    logs, reference = os.path.join(model_dir, "logs"), os.path.join(uninterrupted, "logs")
+    for run, tag in [
+        ("train", "train/adv_loss"),
+        ("train", "time/train_minutes"),
+        ("robustness", "robustness/clean_accuracy"),
+        ("robustness", "time/eval_minutes"),
+    ]:
+        steps = _scalar_steps(os.path.join(logs, run), tag)
+        assert steps == _scalar_steps(os.path.join(reference, run), tag), tag
+        assert len(steps) == len(set(steps)), tag
+    assert _scalar_steps(os.path.join(logs, "robustness"), "robustness/clean_accuracy") == [
+        126,
+        252,
+    ]
+    # The series that the resumed run wrote go on from the killed run's.
+    minutes = _scalar_values(os.path.join(logs, "train"), "time/train_minutes")
+    assert minutes == sorted(minutes)
 
 
 def test_sigkill_mid_epoch_without_determinism_ends_within_noise(uninterrupted, tmp_path):

@@ -274,6 +274,23 @@ class TrainConfig:
         unit=" (passes)",
         runtime=True,
     )
+    eval_every_iterations: int = setting(
+        0,
+        "Evaluate robustness every N optimizer iterations (replays count) instead of every "
+        "--eval_every passes (and at the end); 0: use --eval_every.",
+        minimum=0,
+        unit=" (iterations)",
+        runtime=True,
+    )
+    log_every: int = setting(
+        0,
+        "Write the training scalars (adversarial loss and accuracy, learning rate, δ "
+        "statistics, time) to TensorBoard every N optimizer iterations; 0: about 100 points "
+        "per run.",
+        minimum=0,
+        unit=" (iterations)",
+        runtime=True,
+    )
     eval_attack: str = setting(
         "pgd",
         "The attack of the robustness evaluation: pgd (K steps of --eval_pgd_step_size, random "
@@ -331,6 +348,11 @@ class TrainConfig:
                 f"--lr_boundaries must increase, got {list(self.lr_boundaries)}",
             ),
             (
+                not (self.eval_every_iterations and self.eval_every != 1),
+                f"give one of --eval_every={self.eval_every} (passes) and "
+                f"--eval_every_iterations={self.eval_every_iterations}, not both",
+            ),
+            (
                 self.model in models.MODELS,
                 f"unknown --model {self.model!r}; choose one of {sorted(models.MODELS)}",
             ),
@@ -384,6 +406,10 @@ class TrainConfig:
         if self.method == "free":
             return max(1, math.ceil(self.epochs / self.m))
         return max(1, math.ceil(self.epochs))
+
+    def resolved_log_every(self, total_iterations: int) -> int:
+        """--log_every, or (0) about 100 training points over the run's iterations."""
+        return self.log_every or max(1, round(total_iterations / 100))
 
     @property
     def replays(self) -> int:

@@ -27,6 +27,7 @@ def describe_plan(config: TrainConfig) -> str:
     decayed = [v for v in base.trainable_variables if optimizer.decays(v)]
     decayed_params = sum(int(math.prod(v.shape)) for v in decayed)
     eps = config.epsilon
+    log_every = config.resolved_log_every(budget.total_iterations)
     lines = [
         f"model        {config.model}: {params:,} trainable parameters, input "
         f"{tuple(info.image_shape)}, {info.num_classes} classes",
@@ -51,7 +52,15 @@ def describe_plan(config: TrainConfig) -> str:
         ),
         f"epsilon      {eps:g}/255 = {eps / 255:.6g}",
         f"evaluation   {_eval_attack(config)}, on {config.eval_examples:,} {info.eval_split} "
-        f"examples, every {config.eval_every} pass(es)",
+        "examples, "
+        + (
+            f"every {config.eval_every_iterations:,} iterations"
+            if config.eval_every_iterations
+            else f"every {config.eval_every} pass(es)"
+        )
+        + " and at the end",
+        f"tensorboard  training scalars every {log_every:,} iterations "
+        f"({budget.total_iterations // log_every:,} points), step axis: iterations",
     ]
     lines += [f"warning      {w}" for w in config.warnings()]
     return "\n".join(lines)

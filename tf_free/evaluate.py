@@ -11,13 +11,14 @@ under its own lock.
 """
 
 import datetime
+import json
 import math
 import os
 import sys
 
 from absl import app, flags
 
-from tf_free import cli, data, evaluation, export, run_folder, run_lock
+from tf_free import cli, data, evaluation, export, run_folder, run_lock, summaries
 from tf_free import config as config_lib
 
 flags.DEFINE_string("model_dir", None, "A tf_free.train run folder.")
@@ -187,7 +188,7 @@ def evaluate(f=FLAGS) -> dict:
         for name in names
     ]
     try:
-        evaluation.merge_results(
+        document = evaluation.merge_results(
             output,
             entries,
             header={
@@ -202,7 +203,41 @@ def evaluate(f=FLAGS) -> dict:
             "above. Use --output to write them elsewhere"
         ) from e
     print(f"\nmerged into {output}")
+    if run is not None:
+        _write_tensorboard(f.model_dir, document, epsilon)
     return row
+
+
+def _write_tensorboard(model_dir: str, document: dict, epsilon: float) -> None:
+    """The run folder's `logs/evaluation` scalars, from every result at the run's ε.
+
+    For each attack, the result on the most test images (the latest among equals):
+    the HParams dashboard shows them as the run's final metrics.
+    """
+    chosen = {}
+    for entry in document["evaluations"]:
+        if entry.get("epsilon_255") != epsilon:
+            continue
+        examples = entry["examples"]
+        size = math.inf if examples == "all" else int(examples)
+        if entry["attack"] not in chosen or size >= chosen[entry["attack"]][0]:
+            chosen[entry["attack"]] = (size, entry)
+    results = {
+        attack: (
+            entry["accuracy"],
+            f"{'Clean' if attack == 'natural' else attack} accuracy of the exported model on "
+            f"{'all the' if entry['examples'] == 'all' else 'the first ' + str(entry['examples'])}"
+            f" test examples, ε={epsilon:g}/255 (tf_free.evaluate, {entry['evaluated']}).",
+        )
+        for attack, (_, entry) in chosen.items()
+    }
+    step = 0
+    try:
+        with open(os.path.join(model_dir, "results.json")) as file:
+            step = int(json.load(file)["iterations"])
+    except (OSError, ValueError, KeyError):
+        pass  # a run without results: its scalars go at step 0
+    summaries.write_evaluation(run_folder.log_dir(model_dir), results, step)
 
 
 def main(argv):

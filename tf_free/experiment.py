@@ -19,7 +19,17 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_free import callbacks, data, export, loop, models, optimization, run_folder, runtime
+from tf_free import (
+    callbacks,
+    data,
+    export,
+    loop,
+    models,
+    optimization,
+    run_folder,
+    runtime,
+    summaries,
+)
 from tf_free.config import ConfigError, Plan, TrainConfig, plan
 from tf_free.free import FreeAdversarialModel, PGDAdversarialModel
 
@@ -179,18 +189,31 @@ def build_eval_dataset(config: TrainConfig, info) -> tf.data.Dataset:
     )
 
 
-def build_robustness_callback(config: TrainConfig, info, previous_seconds: float):
-    """Clean and attacked accuracy on the evaluation split, to TensorBoard, every few passes."""
+def build_robustness_callback(config: TrainConfig, info):
+    """Clean and attacked accuracy on the evaluation split, to TensorBoard, during training."""
+    dataset = build_eval_dataset(config, info)
     return callbacks.RobustnessEvaluation(
-        build_eval_dataset(config, info),
+        dataset,
         log_dir=run_folder.log_dir(config.model_dir),
         epsilon=config.epsilon / 255.0,
         step_size=config.eval_pgd_step_size / 255.0,
         steps=config.eval_pgd_steps,
         attack=config.eval_attack,
         every=config.eval_every,
+        every_iterations=config.eval_every_iterations,
         verbose=bool(config.verbose),
-        previous_seconds=previous_seconds,
+        class_names=data.class_names(config.dataset, config.data_dir),
+        num_examples=int(dataset.reduce(0, lambda n, batch: n + tf.shape(batch[0])[0])),
+    )
+
+
+def build_training_summaries(config: TrainConfig, trainer: Trainer, budget: Plan):
+    """Training curves every --log_every iterations (about 100 points by default)."""
+    return summaries.TrainingSummaries(
+        run_folder.log_dir(config.model_dir),
+        log_every=config.resolved_log_every(budget.total_iterations),
+        epsilon=config.epsilon / 255.0,
+        perturbation=getattr(trainer.model, "perturbation", None),
     )
 
 
@@ -226,9 +249,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         runtime.set_up(config)
         budget = build_plan(config, info)
         trainer, state, resumed = _make_or_restore(config, info, budget, strategy, chief)
-        robustness = (
-            build_robustness_callback(config, info, float(state.seconds)) if chief else None
-        )
+        robustness = build_robustness_callback(config, info) if chief else None
         history = _train(config, trainer, budget, state, strategy, robustness)
         return _finish(config, trainer, state, strategy, robustness, history, resumed)
 
@@ -243,6 +264,11 @@ def _make_or_restore(config, info, budget, strategy, chief):
         raise ConfigError(str(e)) from e
     if chief:  # only now: a run that cannot resume leaves the folder as it was
         run_folder.write_config(config)
+        logs = run_folder.log_dir(config.model_dir)
+        os.makedirs(logs, exist_ok=True)
+        if resumed:  # the points written after the checkpoint come again
+            summaries.truncate_after(logs, loop.iterations(trainer.model))
+        summaries.write_run_header(config, logs)
     if resumed and int(state.passes_done) >= budget.passes:
         logging.info(
             "%s holds a finished run (%s): evaluating and exporting it",
@@ -276,9 +302,6 @@ def _train(config, trainer, budget, state, strategy, robustness):
         budget.total_iterations,
     )
     chief = robustness is not None
-    tensorboard = keras.callbacks.TensorBoard(
-        log_dir=run_folder.log_dir(config.model_dir), write_graph=False
-    )
     return loop.fit(
         trainer.model,
         build_train_dataset_fn(config, dataset_info(config)),
@@ -287,7 +310,7 @@ def _train(config, trainer, budget, state, strategy, robustness):
         batches_per_pass=budget.batches_per_pass,
         total_batches=budget.total_batches,
         state=state,
-        callbacks=[tensorboard, robustness] if chief else [],
+        callbacks=[build_training_summaries(config, trainer, budget), robustness] if chief else [],
         checkpoint_every=config.checkpoint_every,
         verbose=config.verbose if chief else 0,
         # Free and PGD training measure the loss on x+δ / x_adv: say so.
@@ -320,7 +343,8 @@ def _finish(config, trainer, state, strategy, robustness, history, resumed) -> d
         ) from e
     results = {
         **final,
-        "train_minutes": float(state.seconds) / 60,
+        "train_minutes": float(state.seconds) / 60,  # without evaluation
+        "eval_minutes": float(state.eval_seconds) / 60,  # during training
         "iterations": loop.iterations(model),
         "resumed": resumed,
         "weights_sha256": fingerprint,

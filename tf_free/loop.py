@@ -77,7 +77,8 @@ class TrainState:
     """The model, the optimizer and where training is, as one checkpoint.
 
     `passes_done` passes are complete and `batches_done` batches of the next
-    one; `seconds` of training so far. In the checkpoint they keep the keys
+    one; `seconds` of training so far (without evaluation: the loop stops the
+    clock around callbacks) and `eval_seconds` of evaluation. In the checkpoint they keep the keys
     of the first runs' checkpoints (`epoch`, `batch_in_epoch`, `train_seconds`),
     which therefore still restore.
     """
@@ -86,8 +87,11 @@ class TrainState:
         self.model = model
         self.passes_done = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self.batches_done = tf.Variable(0, dtype=tf.int64, trainable=False, name="batch_in_epoch")
+        # Training time without evaluation (`start_clock`/`stop_clock`), and
+        # the time of the evaluations during training.
         self.seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="train_seconds")
-        self.checkpoint = tf.train.Checkpoint(
+        self.eval_seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="eval_seconds")
+        parts = dict(
             model=model,
             optimizer=model.optimizer,
             # Checkpoint keys: unchanged, or existing runs no longer resume.
@@ -95,6 +99,11 @@ class TrainState:
             batch_in_epoch=self.batches_done,
             train_seconds=self.seconds,
         )
+        self.checkpoint = tf.train.Checkpoint(**parts, eval_seconds=self.eval_seconds)
+        # A checkpoint of tf_free 0.2 or earlier has no eval_seconds.
+        self._without_eval_seconds = tf.train.Checkpoint(**parts)
+        self._clock_since = None
+        self._unsaved_seconds = 0.0
         self.directory = directory
         self.chief = is_chief(strategy)
         # Every worker saves (the δ gather is a collective); only the chief's
@@ -114,7 +123,13 @@ class TrainState:
         if path is None:
             return False
         try:
-            self.checkpoint.restore(path).assert_existing_objects_matched()
+            keys = {name for name, _ in tf.train.list_variables(path)}
+            checkpoint = (
+                self.checkpoint
+                if "eval_seconds/.ATTRIBUTES/VARIABLE_VALUE" in keys
+                else self._without_eval_seconds
+            )
+            checkpoint.restore(path).assert_existing_objects_matched()
         except Exception as e:  # noqa: BLE001 - TF raises OpError, ValueError, IndexError...
             reason = str(e).strip().splitlines()[0][:400]
             raise CheckpointError(
@@ -123,17 +138,32 @@ class TrainState:
             ) from e
         return True
 
-    def save_at(self, passes_done: int, batches_done: int, started: float | None = None) -> float:
-        """Checkpoints "`passes_done` passes and `batches_done` batches of the next done".
+    def start_clock(self) -> None:
+        """Training time runs until `stop_clock` (kept in Python; `seconds` at each save)."""
+        self._clock_since = time.time()
 
-        Adds the time since `started` to `seconds`; returns the time after saving.
-        """
-        if started is not None:
-            self.seconds.assign_add(time.time() - started)
+    def stop_clock(self) -> None:
+        if self._clock_since is not None:
+            self._unsaved_seconds += time.time() - self._clock_since
+            self._clock_since = None
+
+    def train_seconds(self) -> float:
+        """Training time so far, the running clock included."""
+        running = time.time() - self._clock_since if self._clock_since is not None else 0.0
+        return float(self.seconds) + self._unsaved_seconds + running
+
+    def save_at(self, passes_done: int, batches_done: int) -> None:
+        """Checkpoints "`passes_done` passes and `batches_done` batches of the next done"."""
+        running = self._clock_since is not None
+        now = time.time()
+        self.stop_clock()  # the checkpoint holds the time until now
+        self.seconds.assign_add(self._unsaved_seconds)
+        self._unsaved_seconds = 0.0
         self.passes_done.assign(passes_done)
         self.batches_done.assign(batches_done)
         self.save()
-        return time.time()
+        if running:
+            self._clock_since = now  # saving counts as training time
 
     def save(self) -> str:
         try:
@@ -196,6 +226,10 @@ def fit(
         verbose=verbose,
         epochs=passes,
         steps=batches_per_pass,
+        # For tf_free's callbacks: the training time so far (without the time
+        # spent in callbacks), and the state that keeps the evaluation time.
+        train_seconds=state.train_seconds,
+        train_state=state,
     )
 
     if total_batches is None:
@@ -216,12 +250,16 @@ def fit(
         callback_list.on_epoch_begin(pass_)
         dataset = first_dataset if pass_ == start_pass else make_dataset(pass_, 0)
         iterator = iter(_distribute(strategy, dataset))
-        started = time.time()
+        # Training time: the steps, the input and the checkpoints, without the
+        # callbacks (evaluation, logging, the progress bar).
+        state.start_clock()
         position = skip
         # The last pass of an iteration budget may stop within the data.
         batches_this_pass = min(batches_per_pass, total_batches - pass_ * batches_per_pass)
         for batch in range(skip, batches_this_pass):
+            state.stop_clock()
             callback_list.on_train_batch_begin(batch)
+            state.start_clock()
             try:
                 logs = train_function(iterator)
             except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
@@ -246,16 +284,21 @@ def fit(
                 )
             logs = {log_names.get(k, k): v for k, v in logs.items()}
             position = batch + 1
+            state.stop_clock()
+            callback_list.on_train_batch_end(batch, logs)
+            state.start_clock()
+            # After the callbacks: a run killed between the two resumes from
+            # the previous checkpoint and writes this batch's summaries again
+            # (the resumed run first cuts its logs back to the checkpoint).
             if (
                 checkpoint_every
                 and position % checkpoint_every == 0
                 and position < batches_this_pass
             ):
-                started = state.save_at(pass_, position, started)
-            callback_list.on_train_batch_end(batch, logs)
+                state.save_at(pass_, position)
             if model.stop_training:
                 break
-        state.seconds.assign_add(time.time() - started)
+        state.stop_clock()
         # Evaluation and TensorBoard first, then the pass's checkpoint: a run
         # killed in between redoes the pass's end, so its summaries are
         # written once, never skipped.

@@ -11,6 +11,7 @@ default; the command line converts the paper's 0-255 values).
 from __future__ import annotations
 
 import numbers
+import weakref
 from collections.abc import Callable
 
 import keras
@@ -389,14 +390,7 @@ def accuracy_under_attack(
     Returns:
       Accuracy in [0, 1].
     """
-
-    @tf.function(reduce_retracing=True)
-    def correct_on_batch(images, labels):
-        images = tf.cast(images, tf.float32)
-        if attack is not None:
-            images = attack(model, images, labels, **attack_kwargs)
-        return tf.reduce_sum(tf.cast(~_fooled(model(images), labels), tf.int64))
-
+    correct_on_batch = _correct_on_batch(model, attack, attack_kwargs)
     if num_examples is not None:
         dataset = dataset.unbatch().take(num_examples).batch(_batch_size(dataset))
     total = correct = 0
@@ -408,6 +402,30 @@ def accuracy_under_attack(
     if total == 0:
         raise ValueError("accuracy_under_attack got an empty dataset")
     return correct / total
+
+
+# model -> {(attack, its arguments): the compiled step}: an evaluation repeated
+# during training (tf_free.callbacks) traces its attack once, not every time.
+_COMPILED = weakref.WeakKeyDictionary()
+
+
+def _correct_on_batch(model, attack, attack_kwargs):
+    """A tf.function counting the examples of a batch that `attack` does not fool."""
+
+    @tf.function(reduce_retracing=True)
+    def correct_on_batch(images, labels):
+        images = tf.cast(images, tf.float32)
+        if attack is not None:
+            images = attack(model, images, labels, **attack_kwargs)
+        return tf.reduce_sum(tf.cast(~_fooled(model(images), labels), tf.int64))
+
+    try:
+        key = (attack, tuple(sorted(attack_kwargs.items())))
+        hash(key)
+        cache = _COMPILED.setdefault(model, {})
+    except TypeError:  # unhashable arguments, or a model that takes no weak reference
+        return correct_on_batch
+    return cache.setdefault(key, correct_on_batch)
 
 
 def _batch_size(dataset: tf.data.Dataset) -> int:

@@ -23,6 +23,7 @@ from tf_free.data.catalogue import (
     DataNotFoundError,
     DatasetSpec,
     check_available,
+    class_names,
     dataset_info,
     imagenet_manual_dir,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "DataNotFoundError",
     "DatasetSpec",
     "check_available",
+    "class_names",
     "dataset_info",
     "imagenet_manual_dir",
     # fashion_mnist

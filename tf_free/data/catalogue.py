@@ -184,6 +184,24 @@ def dataset_info(name: str, data_dir: str | None = None) -> DatasetSpec:
     )
 
 
+# CIFAR-10's classes (batches.meta.txt), for when TFDS has not prepared it yet
+# and its ClassLabel only has numbers.
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+
+
+def class_names(name: str, data_dir: str | None = None) -> list[str] | None:
+    """The label names of a TFDS dataset (ImageNet: WordNet ids), or None if unknown."""
+    try:
+        names = list(tfds.builder(name, data_dir=data_dir).info.features["label"].names)
+    except Exception:  # noqa: BLE001 - any TFDS failure: the labels stay numbers
+        return None
+    if name == "cifar10" and names == [str(i) for i in range(10)]:
+        return list(CIFAR10_CLASSES)
+    return names
+
+
 # --------------------------------------------------------------------------
 # Availability and preparation
 # --------------------------------------------------------------------------

@@ -1,0 +1,360 @@
+"""TensorBoard summaries of a run folder, on one step axis: optimizer iterations.
+
+A run folder's `logs/` holds four TensorBoard runs (replays count as
+iterations, so free training's m replays of a batch are m steps):
+
+- `logs/` itself: the HParams session (`write_run_header`: method, m, ε, step
+  sizes, model, data, batch, schedule, weight decay, seed, strategy) and text
+  summaries of the full config and of the command line;
+- `logs/train`: `TrainingSummaries`, every `log_every` iterations, from the
+  step's own outputs (no extra forward pass): `train/adv_loss` and
+  `train/adv_accuracy` (on x+δ or x_adv; `train/loss`, `train/accuracy` for
+  natural training), `train/learning_rate`, δ statistics for free training,
+  `time/train_minutes` and `time/iterations_per_second`;
+- `logs/robustness`: `tf_free.callbacks.RobustnessEvaluation` (clean and
+  PGD-K / APGD-CE accuracy, `time/eval_minutes`, adversarial images);
+- `logs/evaluation`: `write_evaluation`, the final accuracies that
+  `tf_free.evaluate` (or `scripts/reproduce_fashion_mnist.py`) measured on the
+  exported model, e.g. `evaluation/autoattack_accuracy`.
+
+Group names sort "evaluation", "robustness", "time", "train", "x_adv" in
+TensorBoard, so accuracies come before curves and the image cards come last.
+
+A resumed run first cuts every series back to the checkpoint's iteration
+(`truncate_after`), so no point is written twice.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorboard.plugins.hparams import api as hp
+
+# Tags of the final metrics shown as HParams columns; (group = run under logs/, tag, title).
+EVALUATION_RUN = "evaluation"
+ROBUSTNESS_RUN = "robustness"
+TRAIN_RUN = "train"
+
+
+def evaluation_tag(attack: str) -> str:
+    """`evaluation/pgd20_accuracy` for the attack named "pgd20" (`apgd-ce` → `apgd_ce`)."""
+    return f"evaluation/{attack.replace('-', '_')}_accuracy"
+
+
+# --- Training curves -----------------------------------------------------------------
+
+
+class TrainingSummaries(keras.callbacks.Callback):
+    """Training scalars every `log_every` optimizer iterations, to `<log_dir>/train`.
+
+    Written in `on_train_batch_end` from the logs the step already returns: a
+    point is written after the batch at which the iteration count reaches a
+    multiple of `log_every` (a batch of free training is m iterations, so with
+    `log_every` < m some multiples share a batch). Scalars, with the iteration
+    as step:
+
+    - `train/<name>` for each metric of the step (`adv_loss`, `adv_accuracy`):
+      the mean over the batches since the previous point (Keras's metrics are
+      means since the pass began; the window mean is taken from two of them);
+    - `train/learning_rate`: the learning rate of the point's last iteration;
+    - with `perturbation` (free training's δ, a variable or per-replica
+      variable): `train/delta_mean_abs_over_epsilon` (mean |δ|/ε, in [0, 1]),
+      `train/delta_fraction_at_epsilon` (the fraction of δ's entries at ±ε),
+      and every `histogram_every` points the histogram `train/delta_over_epsilon`;
+    - `time/train_minutes`: training time so far, without evaluation (the
+      number `results.json` gives at the end), and `time/iterations_per_second`
+      over the window.
+
+    `train_seconds`: a callable giving the training time so far; by default
+    `params["train_seconds"]` (set by `tf_free.loop.fit`), else the wall time
+    since `on_train_begin`.
+    """
+
+    def __init__(
+        self,
+        log_dir: str,
+        *,
+        log_every: int,
+        epsilon: float = 0.0,
+        perturbation=None,
+        histogram_every: int = 10,
+        train_seconds=None,
+    ):
+        super().__init__()
+        if log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {log_every}")
+        self.log_every = log_every
+        self.epsilon = epsilon
+        self.perturbation = perturbation
+        self.histogram_every = histogram_every
+        self.writer = tf.summary.create_file_writer(os.path.join(log_dir, TRAIN_RUN))
+        self._train_seconds = train_seconds
+        self._points = 0
+
+    def train_seconds(self) -> float:
+        clock = self._train_seconds or self.params.get("train_seconds")
+        return clock() if clock else time.time() - self._began
+
+    def on_train_begin(self, logs=None):
+        self._began = time.time()
+        self._last_iteration = _iterations(self.model)
+        self._last_seconds = self.train_seconds()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._batches = 0  # since the metrics were reset
+        self._window = {}  # name -> (batches, running mean) at the last point
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
+        iteration = _iterations(self.model)
+        if iteration // self.log_every == self._last_iteration // self.log_every:
+            return
+        seconds = self.train_seconds()
+        with self.writer.as_default(step=iteration):
+            for name, mean in (logs or {}).items():
+                before, mean_before = self._window.get(name, (0, 0.0))
+                window = (mean * self._batches - mean_before * before) / (self._batches - before)
+                self._window[name] = (self._batches, mean)
+                tf.summary.scalar(f"train/{name}", window, description=_TRAIN_HELP.get(name))
+            tf.summary.scalar(
+                "train/learning_rate",
+                _learning_rate(self.model.optimizer, iteration - 1),
+                description="The learning rate of the optimizer's last iteration.",
+            )
+            if self.perturbation is not None and self.epsilon > 0:
+                self._write_delta()
+            tf.summary.scalar(
+                "time/train_minutes",
+                seconds / 60,
+                description="Training time so far, without evaluation (results.json's "
+                "train_minutes at the end).",
+            )
+            elapsed = seconds - self._last_seconds
+            if elapsed > 0:
+                tf.summary.scalar(
+                    "time/iterations_per_second",
+                    (iteration - self._last_iteration) / elapsed,
+                    description="Optimizer iterations (replays count) per second of training "
+                    "since the previous point.",
+                )
+        # On disk at once: a run killed after its next checkpoint loses no point
+        # (and the points after the checkpoint are cut on resume, then rewritten).
+        self.writer.flush()
+        self._points += 1
+        self._last_iteration, self._last_seconds = iteration, seconds
+
+    def on_train_end(self, logs=None):
+        self.writer.flush()
+
+    def _write_delta(self):
+        """δ statistics of this worker's replicas, in units of ε."""
+        variable = self.perturbation
+        # Under a MirroredStrategy, δ is one variable per local replica.
+        local = (
+            variable.values if isinstance(variable, tf.distribute.DistributedValues) else [variable]
+        )
+        ratio = np.abs(np.concatenate([np.asarray(v).ravel() for v in local])) / self.epsilon
+        tf.summary.scalar(
+            "train/delta_mean_abs_over_epsilon",
+            float(ratio.mean()),
+            description="Free training's δ: mean |δ|/ε over its entries (1: every entry at ±ε).",
+        )
+        tf.summary.scalar(
+            "train/delta_fraction_at_epsilon",
+            float(np.mean(ratio >= 1 - 1e-4)),
+            description="Free training's δ: the fraction of its entries at ±ε.",
+        )
+        if self._points % self.histogram_every == 0:
+            signed = np.concatenate([np.asarray(v).ravel() for v in local]) / self.epsilon
+            tf.summary.histogram(
+                "train/delta_over_epsilon", signed, description="Free training's δ/ε, in [-1, 1]."
+            )
+
+
+_TRAIN_HELP = {
+    "adv_loss": "Training loss on the adversarial input (x+δ for free training, the PGD "
+    "example for PGD training), mean over the iterations since the previous point.",
+    "adv_accuracy": "Training accuracy on the adversarial input (x+δ for free training, the "
+    "PGD example for PGD training), mean over the batches since the previous point.",
+    "loss": "Training loss (natural training), mean since the previous point.",
+    "accuracy": "Training accuracy (natural training), mean since the previous point.",
+}
+
+
+def _iterations(model) -> int:
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations.value))
+
+
+def _learning_rate(optimizer, iteration: int) -> float:
+    rate = optimizer._learning_rate  # the schedule, or a variable for a constant rate
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        return float(keras.ops.convert_to_numpy(rate(max(iteration, 0))))
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+
+
+# --- The run's header: HParams and text ------------------------------------------------
+
+
+def hparams_of(config) -> dict:
+    """The HParams of a run (a `TrainConfig`), in the units people quote: ε in 0-255."""
+    values = {
+        "method": config.method,
+        "epsilon_255": float(config.epsilon),
+        "model": config.model,
+        "dataset": config.dataset,
+        "batch_size": config.batch_size,
+        "epochs": float(config.epochs),
+        "lr_schedule": config.lr_schedule,
+        "lr": float(config.lr),
+        "weight_decay": float(config.weight_decay),
+        "seed": config.seed,
+        "strategy": config.strategy,
+    }
+    if config.method == "free":
+        values["m"] = config.m
+        values["step_size_255"] = float(config.free_step_size)
+    if config.method == "pgd":
+        values["pgd_steps"] = config.pgd_steps
+        values["step_size_255"] = float(config.pgd_training_step_size)
+    return values
+
+
+def metrics_of(config) -> list[hp.Metric]:
+    """The HParams table's metric columns: the last value of each series."""
+    attack = f"{config.eval_attack.replace('-', '_')}{config.eval_pgd_steps}"
+    label = f"{'PGD' if config.eval_attack == 'pgd' else 'APGD-CE'}-{config.eval_pgd_steps}"
+    return [
+        hp.Metric(
+            "robustness/clean_accuracy",
+            group=ROBUSTNESS_RUN,
+            display_name="clean (last eval)",
+            description=f"Clean accuracy, first {config.eval_examples} test examples.",
+        ),
+        hp.Metric(
+            f"robustness/{attack}_accuracy",
+            group=ROBUSTNESS_RUN,
+            display_name=f"{label} (last eval)",
+            description=f"{label} accuracy, first {config.eval_examples} test examples.",
+        ),
+        hp.Metric(evaluation_tag("natural"), group=EVALUATION_RUN, display_name="clean (evaluate)"),
+        hp.Metric(evaluation_tag("pgd20"), group=EVALUATION_RUN, display_name="PGD-20 (evaluate)"),
+        hp.Metric(
+            evaluation_tag("autoattack"), group=EVALUATION_RUN, display_name="AutoAttack (evaluate)"
+        ),
+        hp.Metric("time/train_minutes", group=TRAIN_RUN, display_name="train minutes"),
+    ]
+
+
+def has_header(log_dir: str) -> bool:
+    return bool(glob.glob(os.path.join(log_dir, "events.out.tfevents.*")))
+
+
+def write_run_header(config, log_dir: str, *, command: list[str] | str | None = None) -> None:
+    """The HParams session and the text summaries `config` and `command` in `log_dir`.
+
+    Replaces the event files directly in `log_dir` (only this function writes
+    there), so writing it again leaves one session.
+    """
+    for path in glob.glob(os.path.join(log_dir, "events.out.tfevents.*")):
+        os.remove(path)
+    writer = tf.summary.create_file_writer(log_dir)
+    settings = json.loads(config.to_json())
+    with writer.as_default(step=0):
+        hp.hparams_config(
+            hparams=[hp.HParam(k) for k in hparams_of(config)], metrics=metrics_of(config)
+        )
+        hp.hparams(
+            hparams_of(config), trial_id=os.path.basename(os.path.normpath(config.model_dir))
+        )
+        table = "| setting | value |\n|---|---|\n" + "\n".join(
+            f"| {key} | `{json.dumps(value)}` |" for key, value in settings.items()
+        )
+        tf.summary.text("config", table, description="The run's full config.json.")
+        argv = sys.argv if command is None else command
+        if not isinstance(argv, str):
+            argv = " ".join(shlex.quote(a) for a in argv)
+        tf.summary.text(
+            "command",
+            "```\n" + argv + "\n```",
+            description="The command line that started this run (the latest, if resumed).",
+        )
+    writer.close()
+
+
+# --- Final evaluation -----------------------------------------------------------------
+
+
+def write_evaluation(log_dir: str, results: dict[str, tuple[float, str]], step: int) -> None:
+    """The final accuracies of the exported model as `<log_dir>/evaluation` scalars.
+
+    `results`: attack name -> (accuracy, description). Merged with what the
+    run already holds there (an attack measured again replaces its value), and
+    written as one event file, so each attack has one point.
+    """
+    directory = os.path.join(log_dir, EVALUATION_RUN)
+    old_files = glob.glob(os.path.join(directory, "events.out.tfevents.*"))
+    merged = {}  # tag -> (step, accuracy, description)
+    for path in old_files:
+        for record in _records(path):
+            event = tf.compat.v1.Event.FromString(record)
+            for value in event.summary.value:
+                accuracy = float(tf.make_ndarray(value.tensor))
+                merged[value.tag] = (event.step, accuracy, value.metadata.summary_description)
+    for attack, (accuracy, description) in results.items():
+        merged[evaluation_tag(attack)] = (step, accuracy, description)
+    temporary = os.path.join(directory, ".writing")
+    shutil.rmtree(temporary, ignore_errors=True)
+    writer = tf.summary.create_file_writer(temporary)
+    with writer.as_default():
+        for tag, (at, accuracy, description) in merged.items():
+            tf.summary.scalar(tag, accuracy, step=at, description=description)
+    writer.close()
+    for path in old_files:
+        os.remove(path)
+    for path in glob.glob(os.path.join(temporary, "events.out.tfevents.*")):
+        os.replace(path, os.path.join(directory, os.path.basename(path)))
+    shutil.rmtree(temporary, ignore_errors=True)
+
+
+# --- Resuming --------------------------------------------------------------------------
+
+
+def truncate_after(log_dir: str, step: int) -> int:
+    """Removes every event with a step above `step` from the event files under `log_dir`.
+
+    A run killed after its last checkpoint has written points that the resumed
+    run writes again; this keeps one of each. Files are rewritten next to
+    themselves and renamed into place. Returns the number of events removed.
+    """
+    removed = 0
+    for path in glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True):
+        records = _records(path)
+        kept = [r for r in records if tf.compat.v1.Event.FromString(r).step <= step]
+        if len(kept) == len(records):
+            continue
+        removed += len(records) - len(kept)
+        with tf.io.TFRecordWriter(path + ".tmp") as writer:
+            for record in kept:
+                writer.write(record)
+        os.replace(path + ".tmp", path)
+    return removed
+
+
+def _records(path: str) -> list[bytes]:
+    """The whole records of an event file (a kill mid-write can cut the last one)."""
+    records = []
+    try:
+        for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            records.append(record)
+    except tf.errors.DataLossError:
+        pass
+    return records
