@@ -446,10 +446,15 @@ def time_methods(methods, jit, settings, info, strategy, ds, batch):
     return results
 
 
+_LOG_DIR = None
+
+
 def _summaries(trainer, config):
     """The training-summaries callback `tf_free.train` adds, writing to a temporary folder."""
+    global _LOG_DIR
+    _LOG_DIR = _LOG_DIR or tempfile.TemporaryDirectory(prefix="tf_free_benchmark_logs_")
     callback = summaries.TrainingSummaries(
-        tempfile.mkdtemp(prefix="tf_free_benchmark_logs_"),
+        tempfile.mkdtemp(dir=_LOG_DIR.name),  # removed at exit
         log_every=FLAGS.log_every,
         epsilon=config.epsilon / 255.0,
         perturbation=getattr(trainer.model, "perturbation", None),
@@ -591,6 +596,8 @@ def main(argv):
     methods = [m for m in ORDER if m in methods]
     if FLAGS.replicas and FLAGS.strategy != "mirrored":
         raise app.UsageError("--replicas needs --strategy=mirrored")
+    if FLAGS.log_every and (FLAGS.replicas or "free" not in methods):
+        raise app.UsageError("--log_every times free training, without --replicas")
     runtime.configure_cpu_devices(FLAGS.cpu_devices)  # before TensorFlow initialises
     info = dataset_spec(FLAGS.model)
     counts = replica_counts()

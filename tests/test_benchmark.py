@@ -65,3 +65,41 @@ def test_weak_scaling_smoke(tmp_path):
     assert "| replicas | global batch | XLA | method |" in report["scaling_table"]
     assert report["scaling_table"] in done.stdout
     assert "No GPUs" in done.stdout
+
+
+def test_logging_overhead_is_timed_against_free_training(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "scripts", "benchmark.py"),
+            "--model=small_cnn",
+            "--image_size=16",
+            "--batch_size=4",
+            "--m=2",
+            "--methods=free",
+            "--jit_compile=false",
+            "--log_every=2",
+            "--warmup=1",
+            "--repeats=2",
+            "--iterations=2",
+            "--data_batches=1",
+            f"--json_out={out}",
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"free", "free+log"}
+    # The same steps: 2 rounds x 2 batches x 2 replays, with the summaries after each batch.
+    assert (
+        rows["free+log"]["optimizer_iterations_timed"]
+        == rows["free"]["optimizer_iterations_timed"]
+        == 8
+    )
+    assert "TensorBoard summaries every 2 iterations:" in done.stdout
+    assert "against free training without them (target < 2%)" in done.stdout

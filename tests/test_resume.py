@@ -283,21 +283,21 @@ def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path):
     assert int(reader.get_tensor("batch_in_epoch/.ATTRIBUTES/VARIABLE_VALUE")) == 20
 
 
-class _PoisonWeightsAfter(keras.callbacks.Callback):
-    """Puts NaNs into the logits layer's bias after batch `batch` (a diverged update)."""
+class _PoisonWeightsBefore(keras.callbacks.Callback):
+    """Puts NaNs into the logits layer's bias as batch `batch` begins (its update diverges)."""
 
     def __init__(self, batch):
         super().__init__()
         self.batch = batch
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_begin(self, batch, logs=None):
         if batch == self.batch:
             kernel = self.model.trainable_variables[-1]
             kernel.assign(np.full(kernel.shape, np.nan, "float32"))
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
-    """Through `loop.fit` directly: the weights turn NaN after the second batch."""
+    """Through `loop.fit` directly: the weights turn NaN in the third batch."""
     batches = make_batches((16, 16, 16, 16))
     x = np.concatenate([b[0] for b in batches])
     y = np.concatenate([b[1] for b in batches])
@@ -318,7 +318,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
             passes=1,
             batches_per_pass=4,
             state=state,
-            callbacks=[_PoisonWeightsAfter(batch=1)],
+            callbacks=[_PoisonWeightsBefore(batch=2)],
             checkpoint_every=1,
             verbose=0,
         )
