@@ -202,6 +202,20 @@ def test_run_header_holds_the_hparams_session_and_the_config(tmp_path):
     } <= metrics
 
 
+def test_every_run_declares_every_methods_hparams_key_ones_first(tmp_path):
+    """TensorBoard takes the first config it finds: a natural run's must list m too."""
+    config = TrainConfig(model_dir=str(tmp_path / "natural"), method="natural")
+    summaries.write_run_header(config, str(tmp_path / "logs"), command="test")
+    content = _header(str(tmp_path / "logs")).PluginTagToContent("hparams")
+    experiment = hparams_metadata.parse_experiment_plugin_data(
+        content[hparams_metadata.EXPERIMENT_TAG]
+    )
+    infos = {info.name: info.differs for info in experiment.hparam_infos}
+    assert {"method", "m", "pgd_steps", "epsilon_255", "step_size_255", "model"} <= set(infos)
+    # Sorted first and ticked by TensorBoard's HParams table (it marks `differs` first).
+    assert {name for name, first in infos.items() if first} == set(summaries.KEY_HPARAMS)
+
+
 def test_pgd_and_natural_runs_have_their_own_hparams():
     pgd = summaries.hparams_of(TrainConfig(method="pgd", pgd_steps=7, epsilon=8.0))
     assert pgd["pgd_steps"] == 7 and pgd["step_size_255"] == pytest.approx(2.5 * 8 / 7)

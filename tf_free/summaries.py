@@ -38,6 +38,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hp
+from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.plugins.hparams import summary_v2 as hp_summary
 
 # Tags of the final metrics shown as HParams columns; (group = run under logs/, tag, title).
 EVALUATION_RUN = "evaluation"
@@ -254,6 +256,25 @@ def metrics_of(config) -> list[hp.Metric]:
     ]
 
 
+# The HParams columns shown first: TensorBoard lists hparams marked `differs`
+# first, then by name, and ticks the first five (tensorboard/plugins/hparams/
+# backend_context.py, `_sort_and_reduce_to_hparams_limit`); a written config
+# marks none, which would sort batch_size and dataset first.
+KEY_HPARAMS = ("method", "m", "pgd_steps", "epsilon_255", "step_size_255")
+
+
+def _write_hparams_config(names: list[str], metrics: list[hp.Metric]) -> None:
+    """`hp.hparams_config`, with the `KEY_HPARAMS` marked to sort first."""
+    names = list(dict.fromkeys(names))
+    summary = hp_summary.hparams_config_pb([hp.HParam(n) for n in names], metrics)
+    value = summary.value[0]
+    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in KEY_HPARAMS
+    value.metadata.plugin_data.content = data.SerializeToString()
+    tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=0)
+
+
 def has_header(log_dir: str) -> bool:
     return bool(glob.glob(os.path.join(log_dir, "events.out.tfevents.*")))
 
@@ -269,9 +290,8 @@ def write_run_header(config, log_dir: str, *, command: list[str] | str | None = 
     writer = tf.summary.create_file_writer(log_dir)
     settings = json.loads(config.to_json())
     with writer.as_default(step=0):
-        hp.hparams_config(
-            hparams=[hp.HParam(k) for k in hparams_of(config)], metrics=metrics_of(config)
-        )
+        # Every method's hparams, so the first session TensorBoard finds lists them all.
+        _write_hparams_config([*hparams_of(config), *KEY_HPARAMS], metrics_of(config))
         hp.hparams(
             hparams_of(config), trial_id=os.path.basename(os.path.normpath(config.model_dir))
         )
