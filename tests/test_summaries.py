@@ -176,7 +176,7 @@ def test_run_header_holds_the_hparams_session_and_the_config(tmp_path):
     log_dir = str(tmp_path / "free_m4" / "logs")
     summaries.write_run_header(config, log_dir, command=["tf_free.train", "--m=4"])
     summaries.write_run_header(config, log_dir, command=["tf_free.train", "--m=4"])  # again
-    assert len(glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))) == 1
+    assert len(glob.glob(os.path.join(log_dir, "events.out.tfevents.*.header"))) == 1
     events = _header(log_dir)
     tags = set(events.Tags()["tensors"])
     assert {"config", "command"} <= tags
@@ -192,14 +192,8 @@ def test_run_header_holds_the_hparams_session_and_the_config(tmp_path):
     experiment = hparams_metadata.parse_experiment_plugin_data(
         content[hparams_metadata.EXPERIMENT_TAG]
     )
-    metrics = {(m.name.group, m.name.tag) for m in experiment.metric_infos}
-    assert {
-        ("robustness", "robustness/clean_accuracy"),
-        ("robustness", "robustness/pgd10_accuracy"),
-        ("evaluation", "evaluation/pgd20_accuracy"),
-        ("evaluation", "evaluation/autoattack_accuracy"),
-        ("train", "time/train_minutes"),
-    } <= metrics
+    metrics = {m.name.tag for m in experiment.metric_infos}
+    assert {"final/pgd10_accuracy", "evaluation/autoattack_accuracy"} <= metrics
 
 
 def test_every_run_declares_every_methods_hparams_key_ones_first(tmp_path):
@@ -224,21 +218,48 @@ def test_pgd_and_natural_runs_have_their_own_hparams():
     assert "step_size_255" not in natural and "m" not in natural
 
 
-def test_evaluation_results_are_merged_one_point_each(tmp_path):
+def test_results_are_merged_one_point_each_beside_the_header(tmp_path):
+    config = TrainConfig(model_dir=str(tmp_path / "run"))
+    summaries.write_run_header(config, str(tmp_path), command="test")
     summaries.write_evaluation(str(tmp_path), {"pgd20": (0.5, "PGD-20"), "natural": (0.9, "")}, 100)
     summaries.write_evaluation(
         str(tmp_path), {"pgd20": (0.55, "again"), "autoattack": (0.4, "AA")}, 100
     )
-    assert len(glob.glob(str(tmp_path / "evaluation" / "events.out.tfevents.*"))) == 1
-    scalars = _tensors(str(tmp_path / "evaluation"))
-    assert {k: [(s, float(v)) for s, v in vals] for k, vals in scalars.items()} == {
+    summaries.write_run_header(config, str(tmp_path), command="again")  # keeps the results
+    assert len(glob.glob(str(tmp_path / "events.out.tfevents.*.results"))) == 1
+    scalars = _tensors(str(tmp_path))
+    scalars = {
+        k: [(s, float(v)) for s, v in vals]
+        for k, vals in scalars.items()
+        if k.startswith("evaluation/")
+    }
+    assert scalars == {
         "evaluation/natural_accuracy": [(100, pytest.approx(0.9))],
         "evaluation/pgd20_accuracy": [(100, pytest.approx(0.55))],  # measured again: replaced
         "evaluation/autoattack_accuracy": [(100, pytest.approx(0.4))],
     }
-    events = event_accumulator.EventAccumulator(str(tmp_path / "evaluation"))
-    events.Reload()
+    events = _header(str(tmp_path))
     assert events.SummaryMetadata("evaluation/pgd20_accuracy").summary_description == "again"
+    assert {"config", "command"} <= set(events.Tags()["tensors"])
+
+
+def test_hparams_metrics_are_found_where_tensorboard_looks_for_them(tmp_path):
+    """TensorBoard joins the session and the metric's group as strings: the session's
+    own run must hold the metrics, for --logdir at the run's logs/ (session ".") or above."""
+    config = TrainConfig(model_dir=str(tmp_path / "run"))
+    summaries.write_run_header(config, str(tmp_path), command="test")
+    content = _header(str(tmp_path)).PluginTagToContent("hparams")
+    experiment = hparams_metadata.parse_experiment_plugin_data(
+        content[hparams_metadata.EXPERIMENT_TAG]
+    )
+    assert {m.name.group for m in experiment.metric_infos} == {""}
+    assert {
+        "final/clean_accuracy",
+        "final/pgd20_accuracy",
+        "evaluation/pgd20_accuracy",
+        "evaluation/autoattack_accuracy",
+        "final/train_minutes",
+    } == {m.name.tag for m in experiment.metric_infos} - {"evaluation/natural_accuracy"}
 
 
 def test_truncate_after_keeps_the_points_up_to_the_checkpoint(tmp_path):

@@ -4,21 +4,22 @@ A run folder's `logs/` holds four TensorBoard runs (replays count as
 iterations, so free training's m replays of a batch are m steps):
 
 - `logs/` itself: the HParams session (`write_run_header`: method, m, ε, step
-  sizes, model, data, batch, schedule, weight decay, seed, strategy) and text
-  summaries of the full config and of the command line;
+  sizes, model, data, batch, schedule, weight decay, seed, strategy), text
+  summaries of the full config and of the command line, and the final results
+  that are the session's metrics (`write_results`): `final/clean_accuracy`,
+  `final/pgd20_accuracy` and `final/train_minutes` at the end of training,
+  `evaluation/<attack>_accuracy` from `tf_free.evaluate` (or
+  `scripts/reproduce_fashion_mnist.py`), e.g. `evaluation/autoattack_accuracy`;
 - `logs/train`: `TrainingSummaries`, every `log_every` iterations, from the
   step's own outputs (no extra forward pass): `train/adv_loss` and
   `train/adv_accuracy` (on x+δ or x_adv; `train/loss`, `train/accuracy` for
   natural training), `train/learning_rate`, δ statistics for free training,
   `time/train_minutes` and `time/iterations_per_second`;
 - `logs/robustness`: `tf_free.callbacks.RobustnessEvaluation` (clean and
-  PGD-K / APGD-CE accuracy, `time/eval_minutes`, adversarial images);
-- `logs/evaluation`: `write_evaluation`, the final accuracies that
-  `tf_free.evaluate` (or `scripts/reproduce_fashion_mnist.py`) measured on the
-  exported model, e.g. `evaluation/autoattack_accuracy`.
+  PGD-K / APGD-CE accuracy, `time/eval_minutes`, adversarial images).
 
-Group names sort "evaluation", "robustness", "time", "train", "x_adv" in
-TensorBoard, so accuracies come before curves and the image cards come last.
+Group names sort "evaluation", "final", "robustness", "time", "train", "x_adv"
+in TensorBoard, so accuracies come before curves and the image cards come last.
 
 A resumed run first cuts every series back to the checkpoint's iteration
 (`truncate_after`), so no point is written twice.
@@ -42,7 +43,6 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.plugins.hparams import summary_v2 as hp_summary
 
 # Tags of the final metrics shown as HParams columns; (group = run under logs/, tag, title).
-EVALUATION_RUN = "evaluation"
 ROBUSTNESS_RUN = "robustness"
 TRAIN_RUN = "train"
 
@@ -231,28 +231,21 @@ def hparams_of(config) -> dict:
 
 
 def metrics_of(config) -> list[hp.Metric]:
-    """The HParams table's metric columns: the last value of each series."""
+    """The HParams table's metric columns: scalars of the session's own run (`logs/`).
+
+    In the session's own run (group ""), because TensorBoard finds a metric in
+    the run `<session>/<group>` by plain string joining, which for a session at
+    the root of `--logdir` ("." + "/robustness") names no run.
+    """
     attack = f"{config.eval_attack.replace('-', '_')}{config.eval_pgd_steps}"
     label = f"{'PGD' if config.eval_attack == 'pgd' else 'APGD-CE'}-{config.eval_pgd_steps}"
     return [
-        hp.Metric(
-            "robustness/clean_accuracy",
-            group=ROBUSTNESS_RUN,
-            display_name="clean (last eval)",
-            description=f"Clean accuracy, first {config.eval_examples} test examples.",
-        ),
-        hp.Metric(
-            f"robustness/{attack}_accuracy",
-            group=ROBUSTNESS_RUN,
-            display_name=f"{label} (last eval)",
-            description=f"{label} accuracy, first {config.eval_examples} test examples.",
-        ),
-        hp.Metric(evaluation_tag("natural"), group=EVALUATION_RUN, display_name="clean (evaluate)"),
-        hp.Metric(evaluation_tag("pgd20"), group=EVALUATION_RUN, display_name="PGD-20 (evaluate)"),
-        hp.Metric(
-            evaluation_tag("autoattack"), group=EVALUATION_RUN, display_name="AutoAttack (evaluate)"
-        ),
-        hp.Metric("time/train_minutes", group=TRAIN_RUN, display_name="train minutes"),
+        hp.Metric("final/clean_accuracy", display_name="clean (end of training)"),
+        hp.Metric(f"final/{attack}_accuracy", display_name=f"{label} (end of training)"),
+        hp.Metric(evaluation_tag("natural"), display_name="clean (evaluate)"),
+        hp.Metric(evaluation_tag("pgd20"), display_name="PGD-20 (evaluate)"),
+        hp.Metric(evaluation_tag("autoattack"), display_name="AutoAttack (evaluate)"),
+        hp.Metric("final/train_minutes", display_name="train minutes"),
     ]
 
 
@@ -275,19 +268,24 @@ def _write_hparams_config(names: list[str], metrics: list[hp.Metric]) -> None:
     tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=0)
 
 
+def _files(log_dir: str, kind: str) -> list[str]:
+    """The event files of one kind ("header" or "results") directly in `log_dir`."""
+    return glob.glob(os.path.join(log_dir, f"events.out.tfevents.*.{kind}"))
+
+
 def has_header(log_dir: str) -> bool:
-    return bool(glob.glob(os.path.join(log_dir, "events.out.tfevents.*")))
+    return bool(_files(log_dir, "header"))
 
 
 def write_run_header(config, log_dir: str, *, command: list[str] | str | None = None) -> None:
     """The HParams session and the text summaries `config` and `command` in `log_dir`.
 
-    Replaces the event files directly in `log_dir` (only this function writes
-    there), so writing it again leaves one session.
+    Replaces the header file in `log_dir` (its name ends in `.header`), so
+    writing it again leaves one session.
     """
-    for path in glob.glob(os.path.join(log_dir, "events.out.tfevents.*")):
+    for path in _files(log_dir, "header"):
         os.remove(path)
-    writer = tf.summary.create_file_writer(log_dir)
+    writer = tf.summary.create_file_writer(log_dir, filename_suffix=".header")
     settings = json.loads(config.to_json())
     with writer.as_default(step=0):
         # Every method's hparams, so the first session TensorBoard finds lists them all.
@@ -313,36 +311,46 @@ def write_run_header(config, log_dir: str, *, command: list[str] | str | None = 
 # --- Final evaluation -----------------------------------------------------------------
 
 
-def write_evaluation(log_dir: str, results: dict[str, tuple[float, str]], step: int) -> None:
-    """The final accuracies of the exported model as `<log_dir>/evaluation` scalars.
+def write_results(log_dir: str, results: dict[str, tuple[float, str]], step: int) -> None:
+    """Final results as scalars of the run folder's own run (`logs/`): the HParams metrics.
 
-    `results`: attack name -> (accuracy, description). Merged with what the
-    run already holds there (an attack measured again replaces its value), and
-    written as one event file, so each attack has one point.
+    `results`: tag -> (value, description), e.g. `final/clean_accuracy` (the
+    end of training) or `evaluation/autoattack_accuracy` (`tf_free.evaluate`).
+    Merged with the results already there (a tag written again replaces its
+    value) into one event file (its name ends in `.results`): one point a tag.
     """
-    directory = os.path.join(log_dir, EVALUATION_RUN)
-    old_files = glob.glob(os.path.join(directory, "events.out.tfevents.*"))
-    merged = {}  # tag -> (step, accuracy, description)
+    old_files = _files(log_dir, "results")
+    merged = {}  # tag -> (step, value, description)
     for path in old_files:
         for record in _records(path):
             event = tf.compat.v1.Event.FromString(record)
             for value in event.summary.value:
-                accuracy = float(tf.make_ndarray(value.tensor))
-                merged[value.tag] = (event.step, accuracy, value.metadata.summary_description)
-    for attack, (accuracy, description) in results.items():
-        merged[evaluation_tag(attack)] = (step, accuracy, description)
-    temporary = os.path.join(directory, ".writing")
+                number = float(tf.make_ndarray(value.tensor))
+                merged[value.tag] = (event.step, number, value.metadata.summary_description)
+    for tag, (number, description) in results.items():
+        merged[tag] = (step, float(number), description)
+    temporary = os.path.join(log_dir, ".writing")
     shutil.rmtree(temporary, ignore_errors=True)
-    writer = tf.summary.create_file_writer(temporary)
+    writer = tf.summary.create_file_writer(temporary, filename_suffix=".results")
     with writer.as_default():
-        for tag, (at, accuracy, description) in merged.items():
-            tf.summary.scalar(tag, accuracy, step=at, description=description)
+        for tag, (at, number, description) in merged.items():
+            tf.summary.scalar(tag, number, step=at, description=description)
     writer.close()
     for path in old_files:
         os.remove(path)
     for path in glob.glob(os.path.join(temporary, "events.out.tfevents.*")):
-        os.replace(path, os.path.join(directory, os.path.basename(path)))
+        os.replace(path, os.path.join(log_dir, os.path.basename(path)))
     shutil.rmtree(temporary, ignore_errors=True)
+
+
+def write_evaluation(log_dir: str, results: dict[str, tuple[float, str]], step: int) -> None:
+    """The accuracies of the exported model (attack name -> (accuracy, description)),
+    as `evaluation/<attack>_accuracy` results."""
+    write_results(
+        log_dir,
+        {evaluation_tag(attack): value for attack, value in results.items()},
+        step,
+    )
 
 
 # --- Resuming --------------------------------------------------------------------------
