@@ -175,6 +175,12 @@ def write_tensorboard(config: TrainConfig, result: dict) -> None:
         summaries.write_run_header(
             config, log_dir, command="trained by an earlier tf_free (command not recorded)"
         )
+    trained = os.path.join(config.model_dir, "results.json")
+    if os.path.exists(trained):  # the end-of-training evaluation (rewritten: merged)
+        with open(trained) as f:
+            summaries.write_final(
+                log_dir, json.load(f), f"the first {config.eval_examples} test examples"
+            )
     examples = result.get("examples", {})
     names = {key: name for name, (key, _) in COLUMNS.items()}
     values = {}

@@ -278,3 +278,20 @@ def test_truncate_after_keeps_the_points_up_to_the_checkpoint(tmp_path):
         steps = [s for s, _ in _tensors(str(tmp_path / run))[f"{run}/x"]]
         assert steps == [1, 2, 3, 4, 5, 6]
     assert summaries.truncate_after(str(tmp_path), 6) == 0  # nothing more to cut
+
+
+def test_final_results_come_from_results_json(tmp_path):
+    results = {
+        "clean_accuracy": 0.8,
+        "pgd20_accuracy": 0.7,
+        "train_adv_accuracy": 0.6,  # training's, on x+δ: not a final result
+        "train_minutes": 2.5,
+        "iterations": 3752,
+    }
+    summaries.write_final(str(tmp_path), results, "the first 1000 test examples")
+    scalars = _tensors(str(tmp_path))
+    assert {k: [(s, round(float(v), 6)) for s, v in vals] for k, vals in scalars.items()} == {
+        "final/clean_accuracy": [(3752, 0.8)],
+        "final/pgd20_accuracy": [(3752, 0.7)],
+        "final/train_minutes": [(3752, 2.5)],
+    }

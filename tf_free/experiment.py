@@ -358,14 +358,9 @@ def _finish(config, trainer, state, strategy, robustness, history, resumed) -> d
         for name in ("loss", "accuracy"):
             results[f"train_{prefix}{name}"] = float(history.history[f"{prefix}{name}"][-1])
     run_folder.write_json(os.path.join(config.model_dir, "results.json"), results)
-    examples = f"the first {config.eval_examples} {dataset_info(config).eval_split} examples"
-    summaries.write_results(
+    summaries.write_final(
         run_folder.log_dir(config.model_dir),
-        {
-            f"final/{name}": (value, f"At the end of training, on {examples}.")
-            for name, value in final.items()
-        }
-        | {"final/train_minutes": (results["train_minutes"], "Training time, without evaluation.")},
-        results["iterations"],
+        results,
+        f"the first {config.eval_examples} {dataset_info(config).eval_split} examples",
     )
     return results

@@ -343,6 +343,18 @@ def write_results(log_dir: str, results: dict[str, tuple[float, str]], step: int
     shutil.rmtree(temporary, ignore_errors=True)
 
 
+def write_final(log_dir: str, results: dict, examples: str) -> None:
+    """A run's `results.json` (its end-of-training accuracies on `examples`, e.g. "the
+    first 1000 test examples", and its train minutes) as `final/*` results."""
+    values = {
+        f"final/{key}": (value, f"At the end of training, on {examples}.")
+        for key, value in results.items()
+        if key.endswith("_accuracy") and not key.startswith("train_")
+    }
+    values["final/train_minutes"] = (results["train_minutes"], "Training time, without evaluation.")
+    write_results(log_dir, values, results["iterations"])
+
+
 def write_evaluation(log_dir: str, results: dict[str, tuple[float, str]], step: int) -> None:
     """The accuracies of the exported model (attack name -> (accuracy, description)),
     as `evaluation/<attack>_accuracy` results."""
