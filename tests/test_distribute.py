@@ -169,3 +169,35 @@ def test_xla_per_replica_under_two_replicas_matches_no_xla(model_class):
     np.testing.assert_allclose(results["per_replica"][1], results[False][1], rtol=1e-4)
     if model_class == "free":
         np.testing.assert_allclose(_global_delta(xla), _global_delta(plain), atol=1e-5)
+
+
+def test_delta_statistics_cover_every_replicas_delta(tmp_path):
+    """tf_free.summaries reads δ of both replicas, as the chief writes it under mirrored."""
+    from tf_free import summaries
+
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+    model = _free(strategy)
+    training = summaries.TrainingSummaries(
+        str(tmp_path), log_every=2, epsilon=EPSILON, perturbation=None
+    )
+    model.fit(as_dataset(make_batches((16, 16))), epochs=1, verbose=0, shuffle=False)
+    training.perturbation = model.perturbation
+    training.set_model(model)
+    training.set_params({})
+    training.on_train_begin()
+    training.on_epoch_begin(0)
+    model.optimizer.iterations.assign_add(2)  # as after one more batch of 2 replays
+    training.on_train_batch_end(0, {"adv_loss": 1.0})
+    training.on_train_end()
+    events = tf.compat.v1.train.summary_iterator(
+        next((tmp_path / "train").glob("events.out.tfevents.*")).as_posix()
+    )
+    values = {v.tag: tf.make_ndarray(v.tensor) for e in events for v in e.summary.value}
+    histogram = values.pop("train/delta_over_epsilon")  # [left, right, count] per bucket
+    assert histogram[:, 2].sum() == 16 * np.prod(IMAGE_SHAPE)  # every entry of both δ
+    ratio = np.abs(_global_delta(model)) / EPSILON
+    assert ratio.shape[0] == 16  # both replicas' 8 rows
+    assert values["train/delta_mean_abs_over_epsilon"] == pytest.approx(ratio.mean(), rel=1e-5)
+    assert values["train/delta_fraction_at_epsilon"] == pytest.approx(
+        np.mean(ratio >= 1 - 1e-4), rel=1e-5
+    )
