@@ -521,24 +521,25 @@ def print_table(rows, title):
                     f"{r['best_ratio_to_natural']:.3f} (best)  "
                     f"(ideal 1.0, target <= 1.10: {verdict})"
                 )
-            if r["method"] == LOGGED:
-                free = next(x for x in rows if x["method"] == "free")
-                median = r["ms_per_iteration"] / free["ms_per_iteration"] - 1
-                best = r["ms_per_iteration_min"] / free["ms_per_iteration_min"] - 1
-                share = statistics.median(r["summaries_share_by_repeat"])
-                print(
-                    f"TensorBoard summaries every {FLAGS.log_every} iterations: their own time "
-                    f"is {100 * share:.2f}% of the training steps' (median over rounds; target "
-                    f"< 2%). Against free training without them, interleaved: {100 * median:+.2f}% "
-                    f"per iteration (median), {100 * best:+.2f}% (best), which also holds the "
-                    "machine's noise between rounds."
-                )
             if r["method"] == "pgd":
                 print(
                     f"{r['label']}/natural = {r['ratio_to_natural']:.2f} (median), "
                     f"{r['best_ratio_to_natural']:.2f} (best)  "
                     f"(ideal about {FLAGS.pgd_steps + 1})"
                 )
+    for r in rows:
+        if r["method"] == LOGGED:
+            free = next(x for x in rows if x["method"] == "free")
+            median = r["ms_per_iteration"] / free["ms_per_iteration"] - 1
+            best = r["ms_per_iteration_min"] / free["ms_per_iteration_min"] - 1
+            share = statistics.median(r["summaries_share_by_repeat"])
+            print(
+                f"TensorBoard summaries every {FLAGS.log_every} iterations: their own time "
+                f"is {100 * share:.2f}% of the training steps' (median over rounds; target "
+                f"< 2%). Against free training without them, interleaved: {100 * median:+.2f}% "
+                f"per iteration (median), {100 * best:+.2f}% (best), which also holds the "
+                "machine's noise between rounds."
+            )
 
 
 def scaling_table(results):

@@ -103,6 +103,7 @@ def test_runtime_settings_are_those_declared_runtime():
         "data_dir", "model_dir", "export_dir", "strategy", "jit_compile", "cpu_devices",
         "deterministic", "checkpoint_every", "overwrite", "allow_large_epsilon", "eval_every",
         "eval_attack", "eval_examples", "eval_pgd_steps", "eval_pgd_step_size", "verbose",
+        "eval_every_iterations", "log_every",
     }  # fmt: skip
 
 
