@@ -146,3 +146,56 @@ def test_config_round_trip():
         3,
         1,
     )
+
+
+@pytest.mark.parametrize(
+    "jit_compile, init",
+    [
+        # XLA of the whole step derives the random start's key its own way (a
+        # seed computed at run time): compared from the zero start.
+        (True, "zero"),
+        # Per replica, the start is drawn outside XLA: the same draw.
+        ("per_replica", "random"),
+    ],
+)
+def test_xla_matches_no_xla(jit_compile, init):
+    batches = make_batches((16, 16))
+    plain = _fit(batches, init=init)
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"]) if jit_compile != True else None  # noqa: E712
+    with (strategy or tf.distribute.get_strategy()).scope():
+        model = compile_model(
+            FastAdversarialModel(make_base(), epsilon=EPSILON, init=init), jit_compile
+        )
+    model.fit(as_dataset(batches), epochs=1, verbose=0, shuffle=False)
+    assert model.uses_xla()
+    for got, want in zip(model.get_weights(), plain.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_precision_trains_in_the_ball():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        batches = make_batches((16, 16))
+        model = _fit(batches)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    delta = model.perturbation.numpy()
+    assert delta.dtype == np.float32 and np.isfinite(delta).all()
+    assert np.abs(delta).max() <= EPSILON + 1e-6
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def test_the_application_builds_fast_training_with_its_flags():
+    from tf_free import experiment, run_folder
+    from tf_free.config import TrainConfig, effective_settings
+
+    config = TrainConfig(method="fast", epsilon=8.0, fast_init="previous", seed=5)
+    info = experiment.dataset_info(config)
+    model, _ = experiment.build_model(config, info)
+    assert isinstance(model, FastAdversarialModel)
+    assert model.step_size == pytest.approx(10 / 255) and model.init == "previous"
+    assert model.seed == 5 and config.replays == 1 and config.passes == 8
+    assert run_folder.label(config) == "fast (previous start)"
+    settings = effective_settings(config)
+    assert settings["fast_step_size"] == 10.0 and "m" not in settings
+    assert "fast_init" not in effective_settings(TrainConfig(method="free"))

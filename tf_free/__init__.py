@@ -7,7 +7,8 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from tf_free import attacks  # noqa: E402
+from tf_free.fast import FastAdversarialModel  # noqa: E402
 from tf_free.free import FreeAdversarialModel, PGDAdversarialModel  # noqa: E402
 
-__all__ = ["FreeAdversarialModel", "PGDAdversarialModel", "attacks"]
+__all__ = ["FastAdversarialModel", "FreeAdversarialModel", "PGDAdversarialModel", "attacks"]
 __version__ = "0.2.0"

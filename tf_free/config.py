@@ -17,7 +17,8 @@ import dataclasses
 import json
 import math
 
-METHODS = ("free", "pgd", "natural")
+METHODS = ("free", "pgd", "fast", "natural")
+FAST_INITS = ("random", "zero", "previous")
 LR_SCHEDULES = ("piecewise", "cosine", "cyclic")
 LR_BOUNDARY_UNITS = ("epochs", "iterations")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
@@ -105,7 +106,12 @@ class TrainConfig:
         kind=str,
         runtime=True,
     )
-    method: str = setting("free", "free (Alg. 2), pgd (K-PGD, Alg. 1) or natural.", choices=METHODS)
+    method: str = setting(
+        "free",
+        "free (Alg. 2), pgd (K-PGD, Alg. 1), fast (FGSM with a random start, Wong et al. 2020) "
+        "or natural.",
+        choices=METHODS,
+    )
     m: int = setting(8, "Free training: replays of each minibatch (m).", minimum=1)
     # Attack budget, in 0-255 pixel units.
     epsilon: float = setting(
@@ -142,6 +148,20 @@ class TrainConfig:
         "averages updated, as Madry et al.'s and locuslab's codes) or inference.",
         choices=ATTACK_BN_MODES,
         legacy="inference",
+    )
+    fast_step_size: float | None = setting(
+        None,
+        "Fast training: the FGSM step α in 0-255 units (default 1.25·ε, the paper's 10/255 at "
+        "ε=8/255).",
+        kind=float,
+        above=0,
+        unit=_PIXELS,
+    )
+    fast_init: str = setting(
+        "random",
+        "Fast training: δ's start, random (uniform in the ε-ball), zero (FGSM training) or "
+        "previous (the last batch's δ).",
+        choices=FAST_INITS,
     )
     # Budget and optimisation.
     epochs: float = setting(
@@ -421,6 +441,11 @@ class TrainConfig:
         return self.epsilon if self.step_size is None else self.step_size
 
     @property
+    def fast_training_step_size(self) -> float:
+        """Fast training's FGSM step α, 0-255 units (default 1.25·ε, as Wong et al.)."""
+        return 1.25 * self.epsilon if self.fast_step_size is None else self.fast_step_size
+
+    @property
     def pgd_training_step_size(self) -> float:
         """K-PGD training's step, 0-255 units (default Madry et al.'s 2.5·ε/K)."""
         if self.pgd_step_size is not None:
@@ -524,6 +549,11 @@ def effective_settings(config: TrainConfig) -> dict:
         settings["pgd_step_size"] = config.pgd_training_step_size
     else:
         for key in ("pgd_steps", "pgd_step_size", "pgd_attack_bn"):
+            settings.pop(key)
+    if config.method == "fast":
+        settings["fast_step_size"] = config.fast_training_step_size
+    else:
+        for key in ("fast_step_size", "fast_init"):
             settings.pop(key)
     if config.lr_schedule != "piecewise":
         for key in ("lr_boundaries", "lr_decay", "lr_boundary_unit"):

@@ -87,6 +87,12 @@ def _method(config: TrainConfig) -> str:
             f"PGD-{config.pgd_steps} training (Alg. 1), step {step:g}/255 = {step / 255:.6g}, "
             f"random start, attack batch norm in {config.pgd_attack_bn} mode"
         )
+    if config.method == "fast":
+        step = config.fast_training_step_size
+        return (
+            f"fast (FGSM, {config.fast_init} start; Wong et al. 2020), step {step:g}/255 = "
+            f"{step / 255:.6g}, 2 forward/backward passes per iteration"
+        )
     return "natural"
 
 

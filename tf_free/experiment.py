@@ -31,6 +31,7 @@ from tf_free import (
     summaries,
 )
 from tf_free.config import ConfigError, Plan, TrainConfig, plan
+from tf_free.fast import FastAdversarialModel
 from tf_free.free import FreeAdversarialModel, PGDAdversarialModel
 
 # --- Builders ------------------------------------------------------------------------
@@ -110,6 +111,14 @@ def build_model(config: TrainConfig, info) -> tuple[keras.Model, keras.Model]:
             steps=config.pgd_steps,
             step_size=config.pgd_training_step_size / 255.0,
             attack_bn=config.pgd_attack_bn,
+        )
+    elif config.method == "fast":
+        model = FastAdversarialModel(
+            base,
+            epsilon=epsilon,
+            step_size=config.fast_training_step_size / 255.0 if epsilon else None,
+            init=config.fast_init,
+            seed=config.seed,
         )
     else:
         model = base

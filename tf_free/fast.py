@@ -23,7 +23,9 @@ Where this differs, on purpose:
 - the random start is drawn from a stateless generator seeded by (`seed`,
   the optimizer's iteration), the global batch's noise sliced per replica,
   so a run is reproducible and two replicas draw exactly what one device
-  draws (torch draws from its global generator);
+  draws (torch draws from its global generator). When Keras XLA-compiles the
+  whole step (`jit_compile=True`), XLA derives the generator's key from the
+  seed its own way: another draw, from the same distribution;
 - ε is in the units of the images (the model normalises inside), where
   locuslab scales ε per channel by the normalisation's std: the same ball;
 - the last δ is kept (in `perturbation`, per replica, checkpointed) for every
@@ -121,6 +123,7 @@ class FastAdversarialModel(FreeAdversarialModel):
             ),
             minval=-self.epsilon,
             maxval=self.epsilon,
+            alg="philox",
         )
         delta = noise[replica * batch : (replica + 1) * batch]
         return tf.clip_by_value(x + delta, self.clip_min, self.clip_max) - x

@@ -41,11 +41,16 @@ def log_dir(model_dir: str) -> str:
 
 
 def label(config: TrainConfig) -> str:
-    """The run's training method as tables name it: "free m=8", "PGD-7" or "natural"."""
+    """The run's training method as tables name it: "free m=8", "PGD-7", "fast (FGSM-RS)"
+    or "natural"."""
     if config.method == "free":
         return f"free m={config.m}"
     if config.method == "pgd":
         return f"PGD-{config.pgd_steps}"
+    if config.method == "fast":
+        return (
+            "fast (FGSM-RS)" if config.fast_init == "random" else f"fast ({config.fast_init} start)"
+        )
     return config.method
 
 

@@ -227,6 +227,9 @@ def hparams_of(config) -> dict:
     if config.method == "pgd":
         values["pgd_steps"] = config.pgd_steps
         values["step_size_255"] = float(config.pgd_training_step_size)
+    if config.method == "fast":
+        values["step_size_255"] = float(config.fast_training_step_size)
+        values["fast_init"] = config.fast_init
     return values
 
 
