@@ -163,6 +163,25 @@ class TrainConfig:
         "previous (the last batch's δ).",
         choices=FAST_INITS,
     )
+    overfit_guard: str = setting(
+        "auto",
+        "The catastrophic-overfitting guard of Wong et al. (PGD-5 on a fixed training batch "
+        "after every pass; a drop above --overfit_drop stops training and restores the weights "
+        "of the check before): on, off, or auto (on for --method=fast).",
+        choices=("auto", "on", "off"),
+    )
+    overfit_check_every: int = setting(
+        0,
+        "The guard checks every N batches; 0: after every pass.",
+        minimum=0,
+        unit=" (batches)",
+    )
+    overfit_drop: float = setting(
+        0.2,
+        "The guard stops training when PGD-5 accuracy on its batch falls by more than this "
+        "(a fraction in (0, 1]).",
+        above=0,
+    )
     # Budget and optimisation.
     epochs: float = setting(
         8,
@@ -373,6 +392,15 @@ class TrainConfig:
                 f"--eval_every_iterations={self.eval_every_iterations}, not both",
             ),
             (
+                self.overfit_drop <= 1,
+                f"--overfit_drop is a fraction of the batch in (0, 1], got {self.overfit_drop}",
+            ),
+            (
+                not (self.guarded and self.strategy == "multi_worker"),
+                "--overfit_guard runs on one process: use --strategy=mirrored (or auto), or "
+                "--overfit_guard=off with --strategy=multi_worker",
+            ),
+            (
                 self.model in models.MODELS,
                 f"unknown --model {self.model!r}; choose one of {sorted(models.MODELS)}",
             ),
@@ -426,6 +454,13 @@ class TrainConfig:
         if self.method == "free":
             return max(1, math.ceil(self.epochs / self.m))
         return max(1, math.ceil(self.epochs))
+
+    @property
+    def guarded(self) -> bool:
+        """Whether the catastrophic-overfitting guard runs (auto: for fast training)."""
+        return self.overfit_guard == "on" or (
+            self.overfit_guard == "auto" and self.method == "fast"
+        )
 
     def resolved_log_every(self, total_iterations: int) -> int:
         """--log_every, or (0) about 100 training points over the run's iterations."""
@@ -554,6 +589,10 @@ def effective_settings(config: TrainConfig) -> dict:
         settings["fast_step_size"] = config.fast_training_step_size
     else:
         for key in ("fast_step_size", "fast_init"):
+            settings.pop(key)
+    settings["overfit_guard"] = config.guarded
+    if not config.guarded:
+        for key in ("overfit_check_every", "overfit_drop"):
             settings.pop(key)
     if config.lr_schedule != "piecewise":
         for key in ("lr_boundaries", "lr_decay", "lr_boundary_unit"):

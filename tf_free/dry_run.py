@@ -33,7 +33,18 @@ def describe_plan(config: TrainConfig) -> str:
         f"{tuple(info.image_shape)}, {info.num_classes} classes",
         f"data         {config.dataset}: {num_train:,} training examples, batch "
         f"{config.batch_size}, augmentation: {_augmentation(config, info)}",
-        f"method       {_method(config)}",
+        f"method       {_method(config)}"
+        + (
+            f"; overfit guard: PGD-5 on a training batch "
+            + (
+                f"every {config.overfit_check_every} batches"
+                if config.overfit_check_every
+                else "after every pass"
+            )
+            + f", stop at a drop > {config.overfit_drop:g}"
+            if config.guarded
+            else ""
+        ),
         f"budget       {budget.passes} passes x {budget.batches_per_pass} batches per pass"
         + (
             f" (last pass {budget.total_batches - (budget.passes - 1) * budget.batches_per_pass})"

@@ -23,6 +23,7 @@ from tf_free import (
     callbacks,
     data,
     export,
+    guard,
     loop,
     models,
     optimization,
@@ -216,6 +217,20 @@ def build_robustness_callback(config: TrainConfig, info):
     )
 
 
+def build_overfit_guard(config: TrainConfig, info):
+    """The catastrophic-overfitting guard, on the first training batch of the first pass."""
+    images, labels = next(iter(build_train_dataset_fn(config, info)(0, 0).take(1)))
+    return guard.OverfitGuard(
+        (images, labels),
+        epsilon=config.epsilon / 255.0,
+        directory=os.path.join(run_folder.checkpoint_dir(config.model_dir), "overfit_guard"),
+        drop=config.overfit_drop,
+        every=config.overfit_check_every,
+        log_dir=run_folder.log_dir(config.model_dir),
+        seed=config.seed,
+    )
+
+
 def build_training_summaries(config: TrainConfig, trainer: Trainer, budget: Plan):
     """Training curves every --log_every iterations (about 100 points by default)."""
     return summaries.TrainingSummaries(
@@ -259,8 +274,13 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         budget = build_plan(config, info)
         trainer, state, resumed = _make_or_restore(config, info, budget, strategy, chief)
         robustness = build_robustness_callback(config, info) if chief else None
-        history = _train(config, trainer, budget, state, strategy, robustness)
-        return _finish(config, trainer, state, strategy, robustness, history, resumed)
+        overfit_guard = build_overfit_guard(config, info) if chief and config.guarded else None
+        history = _train(config, trainer, budget, state, strategy, robustness, overfit_guard)
+        results = _finish(config, trainer, state, strategy, robustness, history, resumed)
+        if overfit_guard is not None and overfit_guard.fired:
+            results["overfit_guard"] = overfit_guard.report
+            run_folder.write_json(os.path.join(config.model_dir, "results.json"), results)
+        return results
 
 
 def _make_or_restore(config, info, budget, strategy, chief):
@@ -298,7 +318,7 @@ def _make_or_restore(config, info, budget, strategy, chief):
     return trainer, state, resumed
 
 
-def _train(config, trainer, budget, state, strategy, robustness):
+def _train(config, trainer, budget, state, strategy, robustness, overfit_guard=None):
     logging.info(
         "Training %s (%s, m=%d) on %s: %d pass(es) x %d batches x %d replays = %d iterations",
         config.model,
@@ -319,7 +339,13 @@ def _train(config, trainer, budget, state, strategy, robustness):
         batches_per_pass=budget.batches_per_pass,
         total_batches=budget.total_batches,
         state=state,
-        callbacks=[build_training_summaries(config, trainer, budget), robustness] if chief else [],
+        callbacks=[
+            build_training_summaries(config, trainer, budget),
+            *([overfit_guard] if overfit_guard else []),  # before the evaluation: it may restore
+            robustness,
+        ]
+        if chief
+        else [],
         checkpoint_every=config.checkpoint_every,
         verbose=config.verbose if chief else 0,
         # Free and PGD training measure the loss on x+δ / x_adv: say so.

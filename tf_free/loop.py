@@ -245,6 +245,8 @@ def fit(
     callback_list.on_train_begin()
     logs = {}
     for pass_ in range(start_pass, passes):
+        if model.stop_training:  # e.g. a callback's on_train_begin: the run has ended
+            break
         skip = int(state.batches_done) if pass_ == start_pass else 0
         model.reset_metrics()
         callback_list.on_epoch_begin(pass_)
