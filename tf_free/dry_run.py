@@ -35,7 +35,7 @@ def describe_plan(config: TrainConfig) -> str:
         f"{config.batch_size}, augmentation: {_augmentation(config, info)}",
         f"method       {_method(config)}"
         + (
-            f"; overfit guard: PGD-5 on a training batch "
+            "; overfit guard: PGD-5 on a training batch "
             + (
                 f"every {config.overfit_check_every} batches"
                 if config.overfit_check_every
