@@ -1,4 +1,4 @@
-"""Times natural, free (Alg. 2) and K-PGD (Alg. 1) training as `tf_free.train` runs them.
+"""Times natural, free (Alg. 2), fast (FGSM-RS) and K-PGD (Alg. 1) training as `tf_free.train` runs them.
 
     python scripts/benchmark.py --model=small_cnn --batch_size=128 --m=8
     python scripts/benchmark.py --model=preact_resnet18 --batch_size=64 --m=4 --jit_compile=both
@@ -22,11 +22,11 @@ the step to finish, also on a GPU. Steps are timed, not whole `fit` calls: the l
 callbacks and checkpoints are left out. The table gives the median and the best round; on a
 shared machine the best is the steadier estimate of the ratios.
 
-One ITERATION is one optimizer step. Natural and PGD training make one per batch; free
+One ITERATION is one optimizer step. Natural, fast and PGD training make one per batch; free
 training replays each batch m times and makes m per batch, so its time per iteration is its
 time per batch / m. Images/s counts images through a training forward/backward pass:
 iterations x batch / time. The paper's claims are free/natural ≈ 1 per iteration and
-K-PGD/natural ≈ K + 1. A call of the train function runs m steps of free training and one
+K-PGD/natural ≈ K + 1; fast training's is about 2 (FGSM's pass, then the weights'). A call of the train function runs m steps of free training and one
 of natural training, so with small models the fixed cost of a call flatters free training.
 
 Memory column: on GPUs the peak `tf.config.experimental.get_memory_info("GPU:0")` while the
@@ -93,7 +93,7 @@ USUAL_DATASETS = {
     "resnet101": "imagenet2012",
     "resnet152": "imagenet2012",
 }
-ORDER = ("natural", "free", "pgd")  # table order
+ORDER = ("natural", "free", "fast", "pgd")  # table order
 LOGGED = "free+log"  # free training with the TensorBoard summaries (--log_every)
 
 FLAGS = flags.FLAGS
@@ -152,7 +152,7 @@ flags.DEFINE_integer(
     "repeats", 3, "Timed rounds per method; the median is reported.", lower_bound=1
 )
 flags.DEFINE_integer("iterations", 4, "Batches (train steps) per timed round.", lower_bound=1)
-flags.DEFINE_list("methods", list(ORDER), "Methods to time, a subset of natural,free,pgd.")
+flags.DEFINE_list("methods", list(ORDER), "Methods to time, a subset of natural,free,fast,pgd.")
 flags.DEFINE_integer("seed", 0, "Seed for data and weights.")
 flags.DEFINE_integer("data_batches", 4, "Distinct synthetic batches held in memory.", lower_bound=1)
 flags.DEFINE_integer(
@@ -250,7 +250,11 @@ def describe(config: TrainConfig, trainer, strategy) -> str:
         f"{base.count_params():,} parameters, {type(trainer.optimizer).__name__}, "
     )
     if config.method != "natural":
-        replays = f"m={model.replays}" if config.method == "free" else f"K={model.steps}"
+        replays = {
+            "free": lambda: f"m={model.replays}",
+            "pgd": lambda: f"K={model.steps}",
+            "fast": lambda: f"{model.init} start",
+        }[config.method]()
         text += (
             f"{replays}, ε={255 * model.epsilon:.4g}/255, step {255 * model.step_size:.4g}/255, "
         )
@@ -520,6 +524,12 @@ def print_table(rows, title):
                     f"free/natural = {r['ratio_to_natural']:.3f} (median), "
                     f"{r['best_ratio_to_natural']:.3f} (best)  "
                     f"(ideal 1.0, target <= 1.10: {verdict})"
+                )
+            if r["method"] == "fast":
+                print(
+                    f"fast/natural = {r['ratio_to_natural']:.2f} (median), "
+                    f"{r['best_ratio_to_natural']:.2f} (best)  (ideal about 2: two "
+                    "forward/backward passes per iteration)"
                 )
             if r["method"] == "pgd":
                 print(

@@ -105,3 +105,29 @@ def test_logging_overhead_is_timed_against_free_training(tmp_path):
     assert "of the training steps' (median over rounds; target < 2%)" in done.stdout
     shares = rows["free+log"]["summaries_share_by_repeat"]
     assert len(shares) == 2 and all(share > 0 for share in shares)
+
+
+def test_fast_training_is_timed():
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "scripts", "benchmark.py"),
+            "--model=small_cnn",
+            "--image_size=16",
+            "--batch_size=4",
+            "--methods=natural,fast",
+            "--jit_compile=false",
+            "--warmup=1",
+            "--repeats=1",
+            "--iterations=2",
+            "--data_batches=1",
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "built fast (FGSM-RS): FastAdversarialModel(small_cnn)" in done.stdout
+    assert "fast/natural = " in done.stdout
