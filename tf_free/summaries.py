@@ -168,17 +168,19 @@ class TrainingSummaries(keras.callbacks.Callback):
         tf.summary.scalar(
             "train/delta_mean_abs_over_epsilon",
             float(ratio.mean()),
-            description="Free training's δ: mean |δ|/ε over its entries (1: every entry at ±ε).",
+            description="δ (free training's, or fast training's last FGSM δ): mean |δ|/ε over its entries (1: every entry at ±ε).",
         )
         tf.summary.scalar(
             "train/delta_fraction_at_epsilon",
             float(np.mean(ratio >= 1 - 1e-4)),
-            description="Free training's δ: the fraction of its entries at ±ε.",
+            description="δ (free training's, or fast training's last FGSM δ): the fraction of its entries at ±ε.",
         )
         if self._points % self.histogram_every == 0:
             signed = np.concatenate([np.asarray(v).ravel() for v in local]) / self.epsilon
             tf.summary.histogram(
-                "train/delta_over_epsilon", signed, description="Free training's δ/ε, in [-1, 1]."
+                "train/delta_over_epsilon",
+                signed,
+                description="δ/ε (free or fast training), in [-1, 1].",
             )
 
 
