@@ -97,3 +97,20 @@ def compile_model(model, jit_compile=False):
         jit_compile=jit_compile,
     )
     return model
+
+
+def read_tensors(log_dir):
+    """{tag: [(step, value)]} over the event files of one TensorBoard run folder, read
+    with TensorBoard's own reader (TF2 writes scalars as tensors), file by file, so a
+    point written twice shows twice."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    found = {}
+    for path in sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))):
+        events = event_accumulator.EventAccumulator(path, size_guidance={"tensors": 0})
+        events.Reload()
+        for tag in events.Tags()["tensors"]:
+            found.setdefault(tag, []).extend(
+                (e.step, tf.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)
+            )
+    return found

@@ -1,13 +1,10 @@
 """RobustnessEvaluation (tf_free/callbacks.py) against an independent computation."""
 
-import glob
-import os
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import compile_model, make_base, make_batches
+from helpers import compile_model, make_base, make_batches, read_tensors
 from tensorboard.backend.event_processing import event_accumulator
 
 from tf_free import attacks, callbacks, loop
@@ -62,19 +59,6 @@ class _Spy(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         results = self.evaluation.last_results
         self.seen.append((epoch, None if results is None else dict(results), dict(logs)))
-
-
-def _tensors(log_dir):
-    """{tag: [(step, value)]} of the summaries in the event files of `log_dir`."""
-    found = {}
-    for path in sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))):
-        events = event_accumulator.EventAccumulator(path, size_guidance={"tensors": 0})
-        events.Reload()
-        for tag in events.Tags()["tensors"]:
-            found.setdefault(tag, []).extend(
-                (e.step, tf.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)
-            )
-    return found
 
 
 @pytest.mark.parametrize("attack", ["pgd", "apgd-ce"])
@@ -136,7 +120,7 @@ def test_evaluates_every_k_passes_and_after_the_last_and_writes_tensorboard(tmp_
         else:
             assert {k: logs[f"val_{k}"] for k in results} == results
 
-    scalars = _tensors(str(tmp_path / "logs" / "robustness"))
+    scalars = read_tensors(str(tmp_path / "logs" / "robustness"))
     name = f"robustness/pgd{STEPS}_accuracy"
     image = f"x_adv/PGD-{STEPS}, ε=12.75/255"  # the attack and ε in the card's title
     assert {"robustness/clean_accuracy", name, "time/eval_minutes", image} == set(scalars)
@@ -173,7 +157,7 @@ def test_evaluates_every_n_iterations_and_after_the_last(tmp_path):
         callbacks=[evaluation],
         verbose=0,
     )
-    scalars = _tensors(str(tmp_path / "logs" / "robustness"))
+    scalars = read_tensors(str(tmp_path / "logs" / "robustness"))
     # Iterations 3 and 6 (mid-pass and at a pass end), then the end (8).
     assert [step for step, _ in scalars["robustness/clean_accuracy"]] == [3, 6, 8]
 

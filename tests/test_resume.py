@@ -18,8 +18,15 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import EPSILON, IMAGE_SHAPE, compile_model, make_base, make_batches, tree_digest
-from tensorboard.backend.event_processing import event_accumulator
+from helpers import (
+    EPSILON,
+    IMAGE_SHAPE,
+    compile_model,
+    make_base,
+    make_batches,
+    read_tensors,
+    tree_digest,
+)
 
 from tf_free import FreeAdversarialModel, loop
 
@@ -113,26 +120,14 @@ def _results(model_dir):
 
 
 def _scalar_steps(log_dir, tag):
-    steps = []
-    for path in glob.glob(os.path.join(log_dir, "events.out.tfevents.*")):
-        events = event_accumulator.EventAccumulator(path, size_guidance={"tensors": 0})
-        events.Reload()
-        if tag in events.Tags()["tensors"]:
-            steps += [e.step for e in events.Tensors(tag)]
-    return sorted(steps)
+    return sorted(step for step, _ in read_tensors(log_dir).get(tag, []))
 
 
 def _scalar_values(log_dir, tag):
     """The values of `tag` in step order, over every event file of the run."""
-    points = []
-    for path in glob.glob(os.path.join(log_dir, "events.out.tfevents.*")):
-        events = event_accumulator.EventAccumulator(path, size_guidance={"tensors": 0})
-        events.Reload()
-        if tag in events.Tags()["tensors"]:
-            points += [
-                (e.step, float(tf.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)
-            ]
-    return [value for _, value in sorted(points)]
+    return [
+        float(value) for _, value in sorted(read_tensors(log_dir).get(tag, []), key=lambda p: p[0])
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import EPSILON, LR, MOMENTUM, make_base, make_batches
+from helpers import EPSILON, LR, MOMENTUM, make_base, make_batches, read_tensors
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
@@ -70,20 +70,7 @@ def _train(tmp_path, log_every, schedule=None):
         verbose=0,
         log_names={"loss": "adv_loss"},
     )
-    return model, state, _tensors(os.path.join(logs, "train")), passes.passes
-
-
-def _tensors(log_dir):
-    """{tag: [(step, value)]} over the event files of one run."""
-    found = {}
-    for path in sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))):
-        events = event_accumulator.EventAccumulator(path, size_guidance={"tensors": 0})
-        events.Reload()
-        for tag in events.Tags()["tensors"]:
-            found.setdefault(tag, []).extend(
-                (e.step, tf.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)
-            )
-    return found
+    return model, state, read_tensors(os.path.join(logs, "train")), passes.passes
 
 
 @pytest.mark.parametrize(
@@ -227,7 +214,7 @@ def test_results_are_merged_one_point_each_beside_the_header(tmp_path):
     )
     summaries.write_run_header(config, str(tmp_path), command="again")  # keeps the results
     assert len(glob.glob(str(tmp_path / "events.out.tfevents.*.results"))) == 1
-    scalars = _tensors(str(tmp_path))
+    scalars = read_tensors(str(tmp_path))
     scalars = {
         k: [(s, float(v)) for s, v in vals]
         for k, vals in scalars.items()
@@ -275,7 +262,7 @@ def test_truncate_after_keeps_the_points_up_to_the_checkpoint(tmp_path):
     removed = summaries.truncate_after(str(tmp_path), 6)
     assert removed == 2 * 4
     for run in ("train", "robustness"):
-        steps = [s for s, _ in _tensors(str(tmp_path / run))[f"{run}/x"]]
+        steps = [s for s, _ in read_tensors(str(tmp_path / run))[f"{run}/x"]]
         assert steps == [1, 2, 3, 4, 5, 6]
     assert summaries.truncate_after(str(tmp_path), 6) == 0  # nothing more to cut
 
@@ -289,7 +276,7 @@ def test_final_results_come_from_results_json(tmp_path):
         "iterations": 3752,
     }
     summaries.write_final(str(tmp_path), results, "the first 1000 test examples")
-    scalars = _tensors(str(tmp_path))
+    scalars = read_tensors(str(tmp_path))
     assert {k: [(s, round(float(v), 6)) for s, v in vals] for k, vals in scalars.items()} == {
         "final/clean_accuracy": [(3752, 0.8)],
         "final/pgd20_accuracy": [(3752, 0.7)],
