@@ -12,26 +12,21 @@ from helpers import ENV, REPO
 pytestmark = pytest.mark.slow
 
 
-def test_weak_scaling_smoke(tmp_path):
+def _benchmark(tmp_path, *flags):
+    """scripts/benchmark.py on a tiny small CNN (16x16, batch 4, m=2): (process, JSON report)."""
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [
             sys.executable,
             os.path.join(REPO, "scripts", "benchmark.py"),
-            "--strategy=mirrored",
-            "--replicas=1,2",
-            "--cpu_devices=2",
             "--model=small_cnn",
             "--image_size=16",
             "--batch_size=4",
             "--m=2",
-            "--methods=natural,free",
-            "--jit_compile=both",
             "--warmup=1",
-            "--repeats=1",
-            "--iterations=1",
             "--data_batches=1",
             f"--json_out={out}",
+            *flags,
         ],
         cwd=REPO,
         env=ENV,
@@ -40,7 +35,20 @@ def test_weak_scaling_smoke(tmp_path):
         timeout=600,  # a loaded 2-core machine compiles slowly
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    return done, json.loads(out.read_text())
+
+
+def test_weak_scaling_smoke(tmp_path):
+    done, report = _benchmark(
+        tmp_path,
+        "--strategy=mirrored",
+        "--replicas=1,2",
+        "--cpu_devices=2",
+        "--methods=natural,free",
+        "--jit_compile=both",
+        "--repeats=1",
+        "--iterations=1",
+    )
     assert report["config"]["replicas"] == [1, 2]
     assert report["config"]["global_batches"] == [4, 8]
     rows = {(r["replicas"], r["xla"], r["method"]): r for r in report["results"]}
@@ -68,32 +76,15 @@ def test_weak_scaling_smoke(tmp_path):
 
 
 def test_logging_overhead_and_fast_training_are_timed(tmp_path):
-    out = tmp_path / "bench.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "scripts", "benchmark.py"),
-            "--model=small_cnn",
-            "--image_size=16",
-            "--batch_size=4",
-            "--m=2",
-            "--methods=free,fast",
-            "--jit_compile=false",
-            "--log_every=2",
-            "--warmup=1",
-            "--repeats=2",
-            "--iterations=2",
-            "--data_batches=1",
-            f"--json_out={out}",
-        ],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    done, report = _benchmark(
+        tmp_path,
+        "--methods=free,fast",
+        "--jit_compile=false",
+        "--log_every=2",
+        "--repeats=2",
+        "--iterations=2",
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    rows = {r["method"]: r for r in report["results"]}
     assert set(rows) == {"free", "fast", "free+log"}
     assert rows["fast"]["trainer"] == "FastAdversarialModel"
     assert rows["fast"]["optimizer_iterations_timed"] == 4  # one per batch

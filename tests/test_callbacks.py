@@ -35,6 +35,24 @@ def _evaluation(tmp_path, **kwargs):
     )
 
 
+def _state(model, tmp_path):
+    return loop.TrainState(model, str(tmp_path / "checkpoints"), tf.distribute.get_strategy())
+
+
+def _fit_with_loop(model, state, callbacks_, passes):
+    """`loop.fit`, as the application runs it: 2 batches a pass, one iteration each."""
+    loop.fit(
+        model,
+        lambda pass_, skip: _train_dataset().skip(skip),
+        strategy=tf.distribute.get_strategy(),
+        passes=passes,
+        batches_per_pass=2,
+        state=state,
+        callbacks=callbacks_,
+        verbose=0,
+    )
+
+
 def _independent_accuracies(model, attack):
     """Clean and attacked accuracy, batch by batch with plain numpy counting."""
     x, y, _ = _eval_data()
@@ -99,19 +117,9 @@ def test_evaluates_every_k_passes_and_after_the_last_and_writes_tensorboard(tmp_
     model.optimizer.build(model.trainable_variables)
     evaluation = _evaluation(tmp_path, every=2, num_examples=40)
     spy = _Spy(evaluation)
-    strategy = tf.distribute.get_strategy()
-    state = loop.TrainState(model, str(tmp_path / "checkpoints"), strategy)
+    state = _state(model, tmp_path)
     state.eval_seconds.assign(600.0)  # 10 minutes of evaluation before a resume
-    loop.fit(
-        model,
-        lambda pass_, skip: _train_dataset().skip(skip),
-        strategy=strategy,
-        passes=5,
-        batches_per_pass=2,
-        state=state,
-        callbacks=[evaluation, spy],
-        verbose=0,
-    )
+    _fit_with_loop(model, state, [evaluation, spy], passes=5)
     evaluated = [epoch for epoch, results, _ in spy.seen if results is not None]
     assert evaluated == [1, 3, 4]  # passes 2 and 4, and the last (5)
     for _, results, logs in spy.seen:
@@ -146,17 +154,7 @@ def test_evaluates_every_n_iterations_and_after_the_last(tmp_path):
     model = compile_model(make_base())
     model.optimizer.build(model.trainable_variables)
     evaluation = _evaluation(tmp_path, every_iterations=3)
-    strategy = tf.distribute.get_strategy()
-    loop.fit(
-        model,
-        lambda pass_, skip: _train_dataset().skip(skip),
-        strategy=strategy,
-        passes=4,
-        batches_per_pass=2,
-        state=loop.TrainState(model, str(tmp_path / "checkpoints"), strategy),
-        callbacks=[evaluation],
-        verbose=0,
-    )
+    _fit_with_loop(model, _state(model, tmp_path), [evaluation], passes=4)
     scalars = read_tensors(str(tmp_path / "logs" / "robustness"))
     # Iterations 3 and 6 (mid-pass and at a pass end), then the end (8).
     assert [step for step, _ in scalars["robustness/clean_accuracy"]] == [3, 6, 8]

@@ -97,9 +97,9 @@ class RobustnessEvaluation(keras.callbacks.Callback):
         if not self.every_iterations:
             return
         iteration = loop.iterations(self.model)
-        crossed = iteration // self.every_iterations > self._last_iteration // self.every_iterations
+        reached = loop.reached_multiple(self._last_iteration, iteration, self.every_iterations)
         self._last_iteration = iteration
-        if crossed:
+        if reached:
             self._evaluate_and_write(iteration, f"iteration {iteration}")
 
     def on_epoch_end(self, epoch, logs=None):

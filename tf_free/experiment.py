@@ -199,11 +199,17 @@ def build_eval_dataset(config: TrainConfig, info) -> tf.data.Dataset:
     )
 
 
+def eval_example_count(config: TrainConfig, info) -> int:
+    """The examples the evaluation uses: --eval_examples, or the whole split if it is
+    smaller (from TFDS's metadata: no data is read)."""
+    size = data.split_size(config.dataset, info.eval_split, config.data_dir)
+    return min(config.eval_examples, size) if size else config.eval_examples
+
+
 def build_robustness_callback(config: TrainConfig, info):
     """Clean and attacked accuracy on the evaluation split, to TensorBoard, during training."""
-    dataset = build_eval_dataset(config, info)
     return callbacks.RobustnessEvaluation(
-        dataset,
+        build_eval_dataset(config, info),
         log_dir=run_folder.log_dir(config.model_dir),
         epsilon=config.epsilon / 255.0,
         step_size=config.eval_pgd_step_size / 255.0,
@@ -213,7 +219,7 @@ def build_robustness_callback(config: TrainConfig, info):
         every_iterations=config.eval_every_iterations,
         verbose=bool(config.verbose),
         class_names=data.class_names(config.dataset, config.data_dir),
-        num_examples=int(dataset.reduce(0, lambda n, batch: n + tf.shape(batch[0])[0])),
+        num_examples=eval_example_count(config, info),
     )
 
 
@@ -276,11 +282,9 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         robustness = build_robustness_callback(config, info) if chief else None
         overfit_guard = build_overfit_guard(config, info) if chief and config.guarded else None
         history = _train(config, trainer, budget, state, strategy, robustness, overfit_guard)
-        results = _finish(config, trainer, state, strategy, robustness, history, resumed)
-        if overfit_guard is not None and overfit_guard.fired:
-            results["overfit_guard"] = overfit_guard.report
-            run_folder.write_json(os.path.join(config.model_dir, "results.json"), results)
-        return results
+        return _finish(
+            config, trainer, state, strategy, robustness, history, resumed, overfit_guard
+        )
 
 
 def _make_or_restore(config, info, budget, strategy, chief):
@@ -353,7 +357,9 @@ def _train(config, trainer, budget, state, strategy, robustness, overfit_guard=N
     )
 
 
-def _finish(config, trainer, state, strategy, robustness, history, resumed) -> dict:
+def _finish(
+    config, trainer, state, strategy, robustness, history, resumed, overfit_guard=None
+) -> dict:
     """The final evaluation, the SavedModel and results.json (on the chief)."""
     model = trainer.model
     fingerprint = loop.weights_fingerprint(model)
@@ -392,10 +398,13 @@ def _finish(config, trainer, state, strategy, robustness, history, resumed) -> d
     if history.history.get(f"{prefix}loss"):  # empty when a finished run is started again
         for name in ("loss", "accuracy"):
             results[f"train_{prefix}{name}"] = float(history.history[f"{prefix}{name}"][-1])
+    if overfit_guard is not None and overfit_guard.fired:
+        results["overfit_guard"] = overfit_guard.report
     run_folder.write_json(os.path.join(config.model_dir, "results.json"), results)
+    info = dataset_info(config)
     summaries.write_final(
         run_folder.log_dir(config.model_dir),
         results,
-        f"the first {config.eval_examples} {dataset_info(config).eval_split} examples",
+        f"the first {eval_example_count(config, info)} {info.eval_split} examples",
     )
     return results

@@ -92,11 +92,7 @@ class FastAdversarialModel(FreeAdversarialModel):
         self.seed = int(seed)
 
     def train_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        if self.perturbation is None:
-            raise ValueError("call build_perturbation(batch_shape) before train_step")
-        x = tf.cast(x, self.perturbation.dtype)
-        batch = tf.shape(x)[0]  # a final batch may be smaller than δ
+        x, y, sample_weight, batch = self._unpack(data)
         # L97-101: the start, kept a valid image.
         delta = self._start(x, batch)
         # L102-108: one forward/backward pass for ∇δ, then the FGSM step.
@@ -104,7 +100,7 @@ class FastAdversarialModel(FreeAdversarialModel):
         # L110-115: one forward/backward pass on x+δ, one optimizer step.
         y_pred, loss, grads = self._per_replica(self._weight_gradients)(x, y, sample_weight, delta)
         self.optimizer.apply(grads, self.trainable_variables)
-        self.perturbation.assign(tf.concat([delta, self.perturbation.read_value()[batch:]], 0))
+        self._store(delta, batch)
         return self._metrics_result(x, y, y_pred, loss, sample_weight)
 
     def _start(self, x, batch):

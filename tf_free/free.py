@@ -294,12 +294,20 @@ class FreeAdversarialModel(_AdversarialModel):
         local = self.distribute_strategy.experimental_local_results(split)[0]
         return tf.TensorShape([local.shape[0], *global_shape[1:]])
 
-    def train_step(self, data):
+    def _unpack(self, data):
+        """(x as δ's dtype, y, sample_weight, rows): a final batch may be smaller than δ."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if self.perturbation is None:
             raise ValueError("call build_perturbation(batch_shape) before train_step")
         x = tf.cast(x, self.perturbation.dtype)
-        batch = tf.shape(x)[0]  # a final batch may be smaller than δ
+        return x, y, sample_weight, tf.shape(x)[0]
+
+    def _store(self, delta, batch):
+        """δ's first `batch` rows ← `delta`; the rows beyond a short batch keep their values."""
+        self.perturbation.assign(tf.concat([delta, self.perturbation.read_value()[batch:]], axis=0))
+
+    def train_step(self, data):
+        x, y, sample_weight, batch = self._unpack(data)
         # Alg. 2: replay the minibatch m times. A Python loop (unrolled; m is
         # small): Keras runs train_step without AutoGraph, so `for _ in
         # tf.range(m)` raises OperatorNotAllowedInGraphError, and a
@@ -324,9 +332,7 @@ class FreeAdversarialModel(_AdversarialModel):
             )
             if self.delta_projection == "valid_image":
                 delta = tf.clip_by_value(x + delta, self.clip_min, self.clip_max) - x
-            self.perturbation.assign(
-                tf.concat([delta, self.perturbation.read_value()[batch:]], axis=0)
-            )
+            self._store(delta, batch)
         # Metrics from the last replay's logits, as the paper reports training.
         return self._metrics_result(x, y, y_pred, loss, sample_weight)
 

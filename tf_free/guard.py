@@ -30,7 +30,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tf_free import attacks
+from tf_free import attacks, loop
 
 
 class OverfitGuard(keras.callbacks.Callback):
@@ -135,7 +135,7 @@ class OverfitGuard(keras.callbacks.Callback):
         return float(tf.reduce_mean(correct))
 
     def _check(self):
-        iteration = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations.value))
+        iteration = loop.iterations(self.model)
         accuracy = self.accuracy()
         if self.writer is not None:
             with self.writer.as_default(step=iteration):

@@ -226,9 +226,8 @@ def fit(
         verbose=verbose,
         epochs=passes,
         steps=batches_per_pass,
-        # For tf_free's callbacks: the training time so far (without the time
-        # spent in callbacks), and the state that keeps the evaluation time.
-        train_seconds=state.train_seconds,
+        # For tf_free's callbacks: the state, whose `train_seconds()` is the
+        # training time so far and which keeps the evaluation time.
         train_state=state,
     )
 
@@ -403,6 +402,11 @@ def _distribute(strategy, dataset: tf.data.Dataset):
         return dataset.flat_map(own_slices)
 
     return strategy.distribute_datasets_from_function(worker_dataset)
+
+
+def reached_multiple(before: int, after: int, every: int) -> bool:
+    """Whether a count going from `before` to `after` reached a multiple of `every`."""
+    return after // every > before // every
 
 
 def iterations(model: keras.Model) -> int:

@@ -42,6 +42,8 @@ from tensorboard.plugins.hparams import api as hp
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.plugins.hparams import summary_v2 as hp_summary
 
+from tf_free import loop
+
 # Tags of the final metrics shown as HParams columns; (group = run under logs/, tag, title).
 ROBUSTNESS_RUN = "robustness"
 TRAIN_RUN = "train"
@@ -76,9 +78,8 @@ class TrainingSummaries(keras.callbacks.Callback):
       number `results.json` gives at the end), and `time/iterations_per_second`
       over the window.
 
-    `train_seconds`: a callable giving the training time so far; by default
-    `params["train_seconds"]` (set by `tf_free.loop.fit`), else the wall time
-    since `on_train_begin`.
+    The training time is `params["train_state"].train_seconds()` (set by
+    `tf_free.loop.fit`), else the wall time since `on_train_begin`.
     """
 
     def __init__(
@@ -89,7 +90,6 @@ class TrainingSummaries(keras.callbacks.Callback):
         epsilon: float = 0.0,
         perturbation=None,
         histogram_every: int = 10,
-        train_seconds=None,
     ):
         super().__init__()
         if log_every < 1:
@@ -99,16 +99,15 @@ class TrainingSummaries(keras.callbacks.Callback):
         self.perturbation = perturbation
         self.histogram_every = histogram_every
         self.writer = tf.summary.create_file_writer(os.path.join(log_dir, TRAIN_RUN))
-        self._train_seconds = train_seconds
         self._points = 0
 
     def train_seconds(self) -> float:
-        clock = self._train_seconds or self.params.get("train_seconds")
-        return clock() if clock else time.time() - self._began
+        state = self.params.get("train_state") if self.params else None
+        return state.train_seconds() if state is not None else time.time() - self._began
 
     def on_train_begin(self, logs=None):
         self._began = time.time()
-        self._last_iteration = _iterations(self.model)
+        self._last_iteration = loop.iterations(self.model)
         self._last_seconds = self.train_seconds()
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -117,8 +116,8 @@ class TrainingSummaries(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self._batches += 1
-        iteration = _iterations(self.model)
-        if iteration // self.log_every == self._last_iteration // self.log_every:
+        iteration = loop.iterations(self.model)
+        if not loop.reached_multiple(self._last_iteration, iteration, self.log_every):
             return
         seconds = self.train_seconds()
         with self.writer.as_default(step=iteration):
@@ -192,10 +191,6 @@ _TRAIN_HELP = {
     "loss": "Training loss (natural training), mean since the previous point.",
     "accuracy": "Training accuracy (natural training), mean since the previous point.",
 }
-
-
-def _iterations(model) -> int:
-    return int(keras.ops.convert_to_numpy(model.optimizer.iterations.value))
 
 
 def _learning_rate(optimizer, iteration: int) -> float:

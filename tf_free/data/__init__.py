@@ -26,6 +26,7 @@ from tf_free.data.catalogue import (
     class_names,
     dataset_info,
     imagenet_manual_dir,
+    split_size,
 )
 from tf_free.data.fashion_mnist import (
     FASHION_MNIST_CLASSES,
@@ -64,6 +65,7 @@ __all__ = [
     "check_available",
     "class_names",
     "dataset_info",
+    "split_size",
     "imagenet_manual_dir",
     # fashion_mnist
     "FASHION_MNIST_CLASSES",

@@ -191,6 +191,15 @@ CIFAR10_CLASSES = (
 )  # fmt: skip
 
 
+def split_size(name: str, split: str, data_dir: str | None = None) -> int | None:
+    """The number of examples in a prepared TFDS split, from its metadata (None: unknown)."""
+    try:
+        size = tfds.builder(name, data_dir=data_dir).info.splits[split].num_examples
+    except Exception:  # noqa: BLE001 - any TFDS failure: unknown
+        return None
+    return int(size) or None
+
+
 def class_names(name: str, data_dir: str | None = None) -> list[str] | None:
     """The label names of a TFDS dataset (ImageNet: WordNet ids), or None if unknown."""
     try:
