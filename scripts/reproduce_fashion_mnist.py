@@ -29,7 +29,6 @@ converted when read); only the Markdown table shows percentages.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import sys
@@ -37,7 +36,7 @@ import time
 
 from absl import app, flags, logging
 
-from tf_free import evaluation, experiment, export, run_folder, summaries
+from tf_free import evaluation, experiment, run_folder, summaries
 from tf_free.config import TrainConfig
 
 # The sweep: each row's settings on top of TrainConfig's defaults, which are
@@ -93,20 +92,8 @@ def row_config(row: str) -> TrainConfig:
 
 
 def attack(model_dir: str, names, num_examples=None) -> dict:
-    """Accuracies (%) of the run's exported model on the first `num_examples` test images."""
-    config = dataclasses.replace(
-        run_folder.read_config(model_dir),
-        batch_size=500,  # the evaluation batch
-        eval_examples=num_examples,
-    )
-    logits_fn = export.load_logits_fn(run_folder.export_dir(config))
-    return evaluation.evaluate_attacks(
-        logits_fn,
-        experiment.build_eval_dataset(config, experiment.dataset_info(config)),
-        names,
-        epsilon=config.epsilon / 255.0,
-        step_size=config.eval_pgd_step_size / 255.0,
-    )
+    """Accuracies of the run's exported model on the first `num_examples` test images."""
+    return experiment.evaluate_export(model_dir, names, num_examples)
 
 
 def run_row(row: str) -> dict:

@@ -22,6 +22,7 @@ from absl import logging
 from tf_free import (
     callbacks,
     data,
+    evaluation,
     export,
     guard,
     loop,
@@ -199,6 +200,23 @@ def build_eval_dataset(config: TrainConfig, info) -> tf.data.Dataset:
     )
 
 
+def evaluate_export(model_dir: str, names, num_examples: int | None = None) -> dict:
+    """Accuracies (fractions) of a finished run's exported model under the named attacks
+    (`evaluation.evaluate_attacks`), on the first `num_examples` examples of its evaluation
+    split (None: all), with the run's ε and evaluation step; batches of 500."""
+    config = dataclasses.replace(
+        run_folder.read_config(model_dir), batch_size=500, eval_examples=num_examples
+    )
+    logits_fn = export.load_logits_fn(run_folder.export_dir(config))
+    return evaluation.evaluate_attacks(
+        logits_fn,
+        build_eval_dataset(config, dataset_info(config)),
+        names,
+        epsilon=config.epsilon / 255.0,
+        step_size=config.eval_pgd_step_size / 255.0,
+    )
+
+
 def eval_example_count(config: TrainConfig, info) -> int:
     """The examples the evaluation uses: --eval_examples, or the whole split if it is
     smaller (from TFDS's metadata: no data is read)."""
@@ -335,6 +353,17 @@ def _train(config, trainer, budget, state, strategy, robustness, overfit_guard=N
         budget.total_iterations,
     )
     chief = robustness is not None
+    steps_per_loop = runtime.resolve_steps_per_loop(config.steps_per_loop, config.model)
+    checkpoint_every = config.resolved_checkpoint_every(steps_per_loop)
+    if steps_per_loop > 1:
+        logging.info("%d training steps per call (--steps_per_loop)", steps_per_loop)
+    if checkpoint_every != config.checkpoint_every:
+        logging.warning(
+            "--checkpoint_every=%d rounded up to %d, a multiple of --steps_per_loop=%d",
+            config.checkpoint_every,
+            checkpoint_every,
+            steps_per_loop,
+        )
     return loop.fit(
         trainer.model,
         build_train_dataset_fn(config, dataset_info(config)),
@@ -350,7 +379,8 @@ def _train(config, trainer, budget, state, strategy, robustness, overfit_guard=N
         ]
         if chief
         else [],
-        checkpoint_every=config.checkpoint_every,
+        checkpoint_every=checkpoint_every,
+        steps_per_loop=steps_per_loop,
         verbose=config.verbose if chief else 0,
         # Free and PGD training measure the loss on x+δ / x_adv: say so.
         log_names={"loss": "adv_loss"} if config.method != "natural" else None,
