@@ -96,6 +96,17 @@ USUAL_DATASETS = {
 ORDER = ("natural", "free", "fast", "pgd")  # table order
 LOGGED = "free+log"  # free training with the TensorBoard summaries (--log_every)
 
+
+def _base(method: str) -> str:
+    """The method a timed variant trains: "free" of "free+log" and of "free*8"."""
+    return method.split("+")[0].split("*")[0]
+
+
+def _steps_per_call(method: str) -> int:
+    """Training steps per call of the train function: N of "free*N" (--steps_per_loop), or 1."""
+    return int(method.split("*")[1]) if "*" in method else 1
+
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "small_cnn", "A model of tf_free.train's --model.")
 flags.DEFINE_string(
@@ -163,6 +174,14 @@ flags.DEFINE_integer(
     "and print their overhead; 0: off. tf_free.train's default is about 100 points per run "
     "(the quick start: every 38 iterations).",
     lower_bound=0,
+)
+flags.DEFINE_integer(
+    "steps_per_loop",
+    1,
+    "Also time every method with N training steps per call of the train function "
+    "(tf_free.train's --steps_per_loop), interleaved with one step per call, and print the "
+    "difference per iteration: the Python dispatch that N steps per call saves. 1: off.",
+    lower_bound=1,
 )
 flags.DEFINE_string("json_out", None, "Also write the configuration and results here as JSON.")
 
@@ -264,11 +283,12 @@ def describe(config: TrainConfig, trainer, strategy) -> str:
     )
 
 
-def run_step(step, iterator, callback=None) -> float:
-    """Seconds for one step, until its outputs are Python floats (as the loop reads them),
-    and then `callback.on_train_batch_end` (the TensorBoard summaries) if given."""
+def run_step(step, iterator, callback=None, steps=1) -> float:
+    """Seconds for one call of `steps` steps, until its outputs are Python floats (as the
+    loop reads them), and then `callback.on_train_batch_end` (the TensorBoard summaries) if
+    given."""
     start = time.perf_counter()
-    logs = {name: float(value) for name, value in step(iterator).items()}
+    logs = {name: float(value) for name, value in step(iterator, steps).items()}
     if callback is not None:
         began = time.perf_counter()
         callback.on_train_batch_end(0, logs)
@@ -343,14 +363,15 @@ def _time_round_robin(methods, trainers):
             start = time.perf_counter()
             spent_before = getattr(t["callback"], "seconds_spent", 0.0)
             times = [
-                run_step(t["step"], t["iterator"], t["callback"]) for _ in range(FLAGS.iterations)
+                run_step(t["step"], t["iterator"], t["callback"], t["steps"])
+                for _ in range(FLAGS.iterations)
             ]
             if t["callback"] is not None:  # the summaries' own share of this round
                 spent = t["callback"].seconds_spent - spent_before
                 t["callback_share"].append(spent / (sum(times) - spent))
             wall = time.perf_counter() - start
             replays = t["config"].replays
-            t["per_iteration"].append(sum(times) / (FLAGS.iterations * replays))
+            t["per_iteration"].append(sum(times) / (FLAGS.iterations * t["steps"] * replays))
             t["overhead"].append(wall - sum(times))
             t["step_ms"].append([round(1e3 * x, 3) for x in times])
 
@@ -369,16 +390,18 @@ def time_methods(methods, jit, settings, info, strategy, ds, batch):
     load = _load_average()
     if FLAGS.log_every and "free" in methods:
         methods = [*methods, LOGGED]
+    if FLAGS.steps_per_loop > 1:
+        methods = [*methods, *(f"{m}*{FLAGS.steps_per_loop}" for m in methods if m in ORDER)]
     for method in methods:
-        config = train_config(method.split("+")[0], info, batch, jit)
+        config = train_config(_base(method), info, batch, jit)
         rss_before = _rss_bytes()
         with PeakMemory() as memory:
-            trainer = build(config, info, strategy, settings[method.split("+")[0]])
+            trainer = build(config, info, strategy, settings[_base(method)])
             print(describe(config, trainer, strategy), flush=True)
             step, iterator = loop.train_function(trainer.model, strategy, ds)
             start = time.perf_counter()
             for _ in range(FLAGS.warmup):
-                run_step(step, iterator)
+                run_step(step, iterator, steps=_steps_per_call(method))
             warmup_s = time.perf_counter() - start
         trainers[method] = {
             "config": config,
@@ -389,6 +412,7 @@ def time_methods(methods, jit, settings, info, strategy, ds, batch):
             "rss_before": rss_before,
             "warmup_s": warmup_s,
             "callback": _summaries(trainer, config) if method == LOGGED else None,
+            "steps": _steps_per_call(method),
             "callback_share": [],
             "per_iteration": [],
             "overhead": [],
@@ -397,7 +421,7 @@ def time_methods(methods, jit, settings, info, strategy, ds, batch):
     # One more untimed step each, now that all are built: a method's first step after the
     # others' warm-ups is slower (memory handed back and touched again).
     for t in trainers.values():
-        run_step(t["step"], t["iterator"])
+        run_step(t["step"], t["iterator"], steps=t["steps"])
         t["iterations_before"] = loop.iterations(t["trainer"].model)
     # Python's cyclic GC would otherwise sweep the objects left by tracing in the middle of
     # a timed step; collect now and pause it while timing, as timeit does.
@@ -416,7 +440,7 @@ def time_methods(methods, jit, settings, info, strategy, ds, batch):
         model, base = t["trainer"].model, t["trainer"].base
         replays = t["config"].replays
         counted = loop.iterations(model) - t["iterations_before"]
-        expected = FLAGS.repeats * FLAGS.iterations * replays
+        expected = FLAGS.repeats * FLAGS.iterations * t["steps"] * replays
         if counted != expected:  # e.g. a loss-scale optimizer skipping steps
             logging.warning(
                 "%s: optimizer counted %d iterations, expected %d", method, counted, expected
@@ -427,7 +451,12 @@ def time_methods(methods, jit, settings, info, strategy, ds, batch):
         results.append(
             {
                 "method": method,
-                "label": f"{label} +TB" if method == LOGGED else label,
+                "label": f"{label} +TB"
+                if method == LOGGED
+                else f"{label} x{t['steps']}/call"
+                if t["steps"] > 1
+                else label,
+                "steps_per_loop": t["steps"],
                 "trainer": type(model).__name__,
                 "jit_compile": jit,
                 "xla": xla_label(model),
@@ -491,9 +520,10 @@ def print_table(rows, title):
     natural = next((r for r in rows if r["method"] == "natural"), None)
     gpu = rows and rows[0]["memory_growth_mib"] is None
     mem = "GPU peak MiB" if gpu else "+RSS MiB"
+    width = max([12, *(len(r["label"]) + 2 for r in rows)])
     print(f"\n{title}")
     header = (
-        f"{'method':<12}{'ms/iteration':>14}{'ms/batch':>11}{'images/s':>11}"
+        f"{'method':<{width}}{'ms/iteration':>14}{'ms/batch':>11}{'images/s':>11}"
         f"{'vs natural':>12}{'best ms/it':>12}{'best vs nat':>13}{mem:>14}{'warm-up s':>11}"
         "   ms/iteration per repeat"
     )
@@ -510,7 +540,7 @@ def print_table(rows, title):
         r["best_ratio_to_natural"] = best_ratio
         best_text = f"{best_ratio:.2f}x" if best_ratio is not None else "-"
         print(
-            f"{r['label']:<12}{r['ms_per_iteration']:>14.2f}{r['ms_per_batch']:>11.2f}"
+            f"{r['label']:<{width}}{r['ms_per_iteration']:>14.2f}{r['ms_per_batch']:>11.2f}"
             f"{r['images_per_s']:>11.1f}{ratio_text:>12}{best:>12.2f}{best_text:>13}{memory:>14.0f}"
             f"{r['warmup_s']:>11.1f}   {repeats}"
         )
@@ -538,6 +568,16 @@ def print_table(rows, title):
                     f"(ideal about {FLAGS.pgd_steps + 1})"
                 )
     for r in rows:
+        if r["steps_per_loop"] > 1:
+            one = next(x for x in rows if x["method"] == _base(r["method"]))
+            median = r["ms_per_iteration"] / one["ms_per_iteration"] - 1
+            best = r["ms_per_iteration_min"] / one["ms_per_iteration_min"] - 1
+            saved = one["ms_per_iteration"] - r["ms_per_iteration"]
+            print(
+                f"{one['label']}: {r['steps_per_loop']} steps per call against 1: "
+                f"{100 * median:+.1f}% per iteration (median), {100 * best:+.1f}% (best); "
+                f"{saved:.2f} ms of dispatch saved per iteration (median)."
+            )
         if r["method"] == LOGGED:
             free = next(x for x in rows if x["method"] == "free")
             median = r["ms_per_iteration"] / free["ms_per_iteration"] - 1
@@ -620,6 +660,8 @@ def main(argv):
     methods = [m for m in ORDER if m in methods]
     if FLAGS.replicas and FLAGS.strategy != "mirrored":
         raise app.UsageError("--replicas needs --strategy=mirrored")
+    if FLAGS.steps_per_loop > 1 and FLAGS.replicas:
+        raise app.UsageError("--steps_per_loop times one replica count, without --replicas")
     if FLAGS.log_every and (FLAGS.replicas or "free" not in methods):
         raise app.UsageError("--log_every times free training, without --replicas")
     runtime.configure_cpu_devices(FLAGS.cpu_devices)  # before TensorFlow initialises

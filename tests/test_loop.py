@@ -28,7 +28,7 @@ def _model(kind, strategy=None, jit_compile=False):
     return model
 
 
-def _loop_fit(model, batches, tmp_path, passes=2):
+def _loop_fit(model, batches, tmp_path, passes=2, **kwargs):
     strategy = model.distribute_strategy
     state = loop.TrainState(model, str(tmp_path), strategy)
     history = loop.fit(
@@ -39,6 +39,7 @@ def _loop_fit(model, batches, tmp_path, passes=2):
         batches_per_pass=len(batches),
         state=state,
         verbose=0,
+        **kwargs,
     )
     return history.history["loss"]
 
@@ -198,3 +199,141 @@ def test_checkpoint_written_with_the_old_layout_restores(tmp_path):
     np.testing.assert_array_equal(new.perturbation.numpy(), old.perturbation.numpy())
     for got, want in zip(new.get_weights(), old.get_weights()):
         np.testing.assert_array_equal(got, want)
+
+
+# --- Several steps per call (--steps_per_loop) ------------------------------------------
+
+
+class _Calls(keras.callbacks.Callback):
+    """Records each call as the callbacks see it: (pass, first batch, last batch, iterations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.pass_ = [], None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.pass_ = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.first = batch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.calls.append((self.pass_, self.first, batch, loop.iterations(self.model)))
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+@pytest.mark.parametrize("kind", ["free", "pgd", "natural"])
+def test_several_steps_per_call_give_bitwise_the_weights_of_one(kind, replicas, tmp_path):
+    """7 batches a pass in calls of 3: (0-2), (3-5), (6): the same batches in the same order,
+    so the same weights and δ, under the default strategy and mirrored. (Without op
+    determinism a sum may round in another order: one ulp. Bit for bit with
+    --deterministic: tests/test_resume.py.)"""
+    batches = make_batches((16,) * 6 + (8,))
+    results = []
+    for steps in (1, 3):
+        strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"]) if replicas == 2 else None
+        if kind == "natural":
+            with (strategy or tf.distribute.get_strategy()).scope():
+                model = compile_model(make_base())
+                model.optimizer.build(model.trainable_variables)
+        else:
+            model = _model(kind, strategy)
+        calls = _Calls()
+        loss = _loop_fit(
+            model, batches, tmp_path / str(steps), steps_per_loop=steps, callbacks=[calls]
+        )
+        results.append((model, loss, calls.calls))
+    (one, one_loss, one_calls), (three, three_loss, three_calls) = results
+    for got, want in zip(three.get_weights(), one.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    if kind == "free":
+        np.testing.assert_allclose(
+            np.concatenate(
+                three.distribute_strategy.experimental_local_results(three.perturbation)
+            ),
+            np.concatenate(one.distribute_strategy.experimental_local_results(one.perturbation)),
+        )
+    np.testing.assert_allclose(three_loss, one_loss, rtol=1e-6)  # each pass's mean loss
+    per_batch = 2 if kind == "free" else 1
+    assert [c[:3] for c in three_calls] == [
+        (p, first, last) for p in (0, 1) for first, last in ((0, 2), (3, 5), (6, 6))
+    ]
+    # The callbacks see the iterations of the call's last batch.
+    assert [c[3] for c in three_calls] == [
+        per_batch * (7 * p + last + 1) for p in (0, 1) for last in (2, 5, 6)
+    ]
+    assert [c[3] for c in one_calls] == [per_batch * (i + 1) for i in range(14)]
+
+
+def test_a_resumed_pass_realigns_its_calls_and_checkpoints_at_multiples(tmp_path):
+    """Calls end at multiples of steps_per_loop within the pass, also after a resume from
+    batch 2; checkpoints every 4 batches; the result equals one uninterrupted run."""
+    batches = make_batches((16,) * 9)
+    reference = _model("free")
+    _loop_fit(reference, batches, tmp_path / "reference", passes=1)
+
+    model = _model("free")
+    state = loop.TrainState(model, str(tmp_path / "run"), model.distribute_strategy)
+    stop = keras.callbacks.LambdaCallback(  # as a run killed after its checkpoint of batch 2
+        on_train_batch_end=lambda batch, logs: setattr(model, "stop_training", batch == 1)
+    )
+    loop.fit(
+        model,
+        lambda pass_, skip: as_dataset(batches).skip(skip),
+        strategy=model.distribute_strategy,
+        passes=1,
+        batches_per_pass=9,
+        state=state,
+        callbacks=[stop],
+        verbose=0,
+    )
+    assert (int(state.passes_done), int(state.batches_done)) == (0, 2)
+    resumed = _model("free")
+    state = loop.TrainState(resumed, str(tmp_path / "run"), resumed.distribute_strategy)
+    assert state.restore()
+    calls, saved = _Calls(), []
+    save_at = state.save_at
+    state.save_at = lambda p, b: (saved.append((p, b)), save_at(p, b))
+    loop.fit(
+        resumed,
+        lambda pass_, skip: as_dataset(batches).skip(skip),
+        strategy=resumed.distribute_strategy,
+        passes=1,
+        batches_per_pass=9,
+        state=state,
+        callbacks=[calls],
+        checkpoint_every=4,
+        steps_per_loop=4,
+        verbose=0,
+    )
+    assert [c[1:3] for c in calls.calls] == [(2, 3), (4, 7), (8, 8)]
+    assert saved == [(0, 4), (0, 8), (1, 0)]
+    for got, want in zip(resumed.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_checkpoint_every_must_be_a_multiple_of_steps_per_loop(tmp_path):
+    model = _model("free")
+    with pytest.raises(ValueError, match="multiple of steps_per_loop=4"):
+        _loop_fit(model, make_batches((16,) * 4), tmp_path, steps_per_loop=4, checkpoint_every=6)
+    assert int(model.optimizer.iterations.numpy()) == 0  # checked before any step
+
+
+def test_a_nan_inside_a_call_names_the_calls_batches(tmp_path):
+    """The dense kernel turns NaN before the second call (batches 5-8 of 8)."""
+    model = _model("free")
+
+    def poison(batch, logs):
+        if batch == 4:
+            kernel = model.trainable_variables[-2]
+            kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+
+    with pytest.raises(loop.TrainingError, match=r"at pass 1, batches 5-8 \(iteration 16\)"):
+        _loop_fit(
+            model,
+            make_batches((16,) * 8),
+            tmp_path,
+            passes=1,
+            steps_per_loop=4,
+            callbacks=[keras.callbacks.LambdaCallback(on_train_batch_begin=poison)],
+        )

@@ -99,6 +99,19 @@ def test_two_workers_match_one_worker_on_the_same_global_batch(two_workers, tmp_
     assert np.mean(np.abs(two[delta] - one[delta]) > 1e-6) < 1e-3
 
 
+def test_two_workers_with_two_steps_per_call_match_one_step_per_call(two_workers, tmp_path):
+    """--steps_per_loop=2: both batches of the pass in one call (the all-reduces inside
+    a tf.while_loop), the same weights as one step per call."""
+    model_dir, _ = two_workers
+    steps_dir = str(tmp_path / "two_steps")
+    run = _launch(2, f"--model_dir={steps_dir}", *FLAGS, "--steps_per_loop=2")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "rounded up to 2" in run.stdout + run.stderr  # --checkpoint_every=1
+    two_steps, one_step = _checkpoint_values(steps_dir), _checkpoint_values(model_dir)
+    for name in one_step:
+        np.testing.assert_allclose(two_steps[name], one_step[name], rtol=1e-6, atol=1e-7)
+
+
 def test_only_the_chief_writes_logs_results_and_export(two_workers):
     model_dir, _ = two_workers
     left = sorted(os.listdir(model_dir))

@@ -188,6 +188,41 @@ def test_sigkill_mid_epoch_without_determinism_ends_within_noise(uninterrupted, 
     assert abs(got["pgd20_accuracy"] - want["pgd20_accuracy"]) <= 0.05
 
 
+def test_steps_per_loop_trains_bitwise_as_one_step_per_call_and_resumes_exactly(
+    uninterrupted, tmp_path
+):
+    """--steps_per_loop=4: checkpoints every 12 batches (10 rounded up, and said); killed at
+    the checkpoint of batch 24 and resumed, the run ends with the weights of the
+    uninterrupted one-step-per-call run, bit for bit."""
+    model_dir = str(tmp_path / "killed")
+    flags = ["--deterministic", "--checkpoint_every=10", "--steps_per_loop=4"]
+    _, stderr = _run_and_kill(model_dir, 48, *flags)  # batch 24 x 2 replays
+    assert "--checkpoint_every=10 rounded up to 12, a multiple of --steps_per_loop=4" in stderr
+    resumed = _run(model_dir, *flags)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _resumed_from(resumed, model_dir) >= 48
+    checkpoints = sorted(
+        int(p.rsplit("-", 1)[1].split(".")[0])
+        for p in glob.glob(os.path.join(model_dir, "checkpoints", "ckpt-*.index"))
+    )
+    assert checkpoints and all(n % 126 % 24 == 0 for n in checkpoints), checkpoints
+    got, want = _results(model_dir), _results(uninterrupted)
+    assert got["iterations"] == PLANNED_ITERATIONS
+    assert got["weights_sha256"] == want["weights_sha256"]
+
+
+def test_steps_per_loop_under_mirrored_trains_bitwise_as_one_step_per_call(tmp_path):
+    flags = ["--deterministic", "--strategy=mirrored", "--cpu_devices=2", "--checkpoint_every=0"]
+    runs = {}
+    for steps in (1, 8):
+        model_dir = str(tmp_path / f"steps{steps}")
+        run = _run(model_dir, *flags, f"--steps_per_loop={steps}")
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs[steps] = _results(model_dir)
+    assert runs[8]["weights_sha256"] == runs[1]["weights_sha256"]
+    assert runs[8]["iterations"] == runs[1]["iterations"] == PLANNED_ITERATIONS
+
+
 def test_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path):
     model_dir = str(tmp_path / "run")
     code, stderr = _run_and_kill(model_dir, 20, "--checkpoint_every=10", sig=signal.SIGINT)

@@ -294,6 +294,16 @@ class TrainConfig:
         unit=" (batches)",
         runtime=True,
     )
+    steps_per_loop: int = setting(
+        0,
+        "Training steps (batches) per tf.function call, as Keras's steps_per_execution: "
+        "fewer Python dispatches on accelerators. 0: automatic (1 on CPU; on GPUs/TPUs about "
+        "100 ms of steps per call, from a per-model estimate). --checkpoint_every is rounded "
+        "up to a multiple of it; callbacks see each call as one batch.",
+        minimum=0,
+        unit=" (batches)",
+        runtime=True,
+    )
     overwrite: bool = setting(
         False,
         "Start again in a --model_dir that holds a run (its checkpoints, logs, results and "
@@ -461,6 +471,10 @@ class TrainConfig:
         return self.overfit_guard == "on" or (
             self.overfit_guard == "auto" and self.method == "fast"
         )
+
+    def resolved_checkpoint_every(self, steps_per_loop: int) -> int:
+        """--checkpoint_every rounded up to a multiple of the steps per call (0 stays 0)."""
+        return -(-self.checkpoint_every // steps_per_loop) * steps_per_loop
 
     def resolved_log_every(self, total_iterations: int) -> int:
         """--log_every, or (0) about 100 training points over the run's iterations."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from tf_free import experiment
+from tf_free import experiment, runtime
 from tf_free.config import TrainConfig
 
 
@@ -70,11 +70,28 @@ def describe_plan(config: TrainConfig) -> str:
             else f"every {config.eval_every} pass(es)"
         )
         + " and at the end",
+        f"steps        {_steps_per_loop(config)}",
         f"tensorboard  training scalars every {log_every:,} iterations "
         f"({budget.total_iterations // log_every:,} points), step axis: iterations",
     ]
     lines += [f"warning      {w}" for w in config.warnings()]
     return "\n".join(lines)
+
+
+def _steps_per_loop(config: TrainConfig) -> str:
+    steps = runtime.resolve_steps_per_loop(config.steps_per_loop, config.model)
+    text = f"{steps} per tf.function call" + (
+        "" if config.steps_per_loop else " (--steps_per_loop=0: automatic on this machine)"
+    )
+    checkpoint_every = config.resolved_checkpoint_every(steps)
+    if not checkpoint_every:
+        return text + "; checkpoints at the ends of passes"
+    rounded = (
+        f" (--checkpoint_every={config.checkpoint_every} rounded up to a multiple of {steps})"
+        if checkpoint_every != config.checkpoint_every
+        else ""
+    )
+    return text + f"; a checkpoint every {checkpoint_every} batches{rounded} and every pass end"
 
 
 def _augmentation(config: TrainConfig, info) -> str:

@@ -109,9 +109,13 @@ class OverfitGuard(keras.callbacks.Callback):
             self.model.stop_training = True
         self._batches = 0
 
+    def on_train_batch_begin(self, batch, logs=None):
+        self._first_batch = batch  # a call of several steps (--steps_per_loop) ends at `batch`
+
     def on_train_batch_end(self, batch, logs=None):
-        self._batches += 1
-        if self.every and self._batches % self.every == 0:
+        before = self._batches
+        self._batches += batch - self._first_batch + 1
+        if self.every and loop.reached_multiple(before, self._batches, self.every):
             self._check()
 
     def on_epoch_end(self, epoch, logs=None):

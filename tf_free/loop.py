@@ -193,6 +193,7 @@ def fit(
     total_batches: int | None = None,
     callbacks: list[keras.callbacks.Callback] = (),
     checkpoint_every: int = 0,
+    steps_per_loop: int = 1,
     verbose: int = 1,
     log_names: dict[str, str] | None = None,
 ) -> keras.callbacks.History:
@@ -204,20 +205,34 @@ def fit(
       passes: sweeps over the data (the last may be partial: `total_batches`).
       batches_per_pass: batches in a whole pass.
       state: restored (or fresh) `TrainState`; saved at the end of every pass
-        and every `checkpoint_every` batches (0: at the ends of passes only).
+        and every `checkpoint_every` batches (0: at the ends of passes only; a
+        multiple of `steps_per_loop`).
       total_batches: stop after this many batches in all (the last pass is
         then partial); default passes × batches_per_pass. Each batch is one
         call of `model.train_step`: free training's m replays of it count as
         m iterations of the optimizer, not here.
       callbacks: Keras callbacks, called as Keras's `fit` calls them, with a
         pass as Keras's epoch.
+      steps_per_loop: batches per call of the step function (Keras's
+        `steps_per_execution`, Orbit's `steps_per_loop`): fewer Python
+        dispatches on accelerators. The calls end at multiples of it within a
+        pass (and at the pass's end), and the callbacks see each call as Keras
+        shows `steps_per_execution`: `on_train_batch_begin(first batch)`,
+        `on_train_batch_end(last batch)`. The same batches in the same order
+        as one step per call: with op determinism, the same weights bit for bit.
       log_names: renames the step's outputs for the progress bar, the
         callbacks and History (e.g. {"loss": "adv_loss"}).
 
     Raises:
       TrainingError: the loss became NaN or infinite (the checkpoint before it
         is kept), or a checkpoint could not be written.
+      ValueError: `checkpoint_every` is not a multiple of `steps_per_loop`.
     """
+    if steps_per_loop < 1 or (checkpoint_every and checkpoint_every % steps_per_loop):
+        raise ValueError(
+            f"checkpoint_every={checkpoint_every} must be a multiple of steps_per_loop="
+            f"{steps_per_loop} >= 1 (TrainConfig.resolved_checkpoint_every rounds it)"
+        )
     callback_list = keras.callbacks.CallbackList(
         list(callbacks),
         add_history=True,
@@ -257,12 +272,15 @@ def fit(
         position = skip
         # The last pass of an iteration budget may stop within the data.
         batches_this_pass = min(batches_per_pass, total_batches - pass_ * batches_per_pass)
-        for batch in range(skip, batches_this_pass):
+        batch = skip
+        while batch < batches_this_pass:
+            # Up to the next multiple of steps_per_loop (a resumed pass realigns).
+            steps = min(steps_per_loop - batch % steps_per_loop, batches_this_pass - batch)
             state.stop_clock()
             callback_list.on_train_batch_begin(batch)
             state.start_clock()
             try:
-                logs = train_function(iterator)
+                logs = train_function(iterator, tf.constant(steps))
             except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
                 if not (_uses_xla(model) and batch == skip and pass_ == start_pass):
                     raise
@@ -275,18 +293,20 @@ def fit(
                 _disable_xla(model)
                 train_function = _make_train_function(model, strategy)
                 iterator = iter(_distribute(strategy, make_dataset(pass_, skip)))
-                logs = train_function(iterator)
+                logs = train_function(iterator, tf.constant(steps))
             logs = {k: float(v) for k, v in logs.items()}
+            last = batch + steps - 1
             if not math.isfinite(logs["loss"]):
+                where = f"batch {last + 1}" if steps == 1 else f"batches {batch + 1}-{last + 1}"
                 raise TrainingError(
-                    f"the training loss is {logs['loss']} at pass {pass_ + 1}, batch "
-                    f"{batch + 1} (iteration {iterations(model)}); stopped. "
+                    f"the training loss is {logs['loss']} at pass {pass_ + 1}, {where} "
+                    f"(iteration {iterations(model)}); stopped. "
                     f"The last good checkpoint is kept: {state.latest or 'none'}."
                 )
             logs = {log_names.get(k, k): v for k, v in logs.items()}
-            position = batch + 1
+            position = batch = last + 1
             state.stop_clock()
-            callback_list.on_train_batch_end(batch, logs)
+            callback_list.on_train_batch_end(last, logs)
             state.start_clock()
             # After the callbacks: a run killed between the two resumes from
             # the previous checkpoint and writes this batch's summaries again
@@ -334,24 +354,37 @@ def _disable_xla(model) -> None:
 def train_function(model, strategy, dataset: tf.data.Dataset):
     """The step `fit` runs, and an iterator over `dataset` distributed as `fit` does it.
 
-    `step(iterator)` trains on the next global batch and returns the metrics
-    (the mean over replicas). For timing one step (scripts/benchmark.py).
+    `step(iterator, steps=1)` trains on the next `steps` global batches and
+    returns the metrics after the last (the mean over replicas). For timing
+    steps (scripts/benchmark.py).
     """
     _build_metrics(model, strategy, dataset.element_spec)
-    return _make_train_function(model, strategy), iter(_distribute(strategy, dataset))
+    function = _make_train_function(model, strategy)
+    return (
+        lambda iterator, steps=1: function(iterator, tf.constant(steps)),
+        iter(_distribute(strategy, dataset)),
+    )
 
 
 def _make_train_function(model, strategy):
-    """One training step on the next global batch, as Keras's fit makes it."""
+    """`steps` training steps on the next global batches in one call, as Keras's fit
+    makes its step (with `steps_per_execution`): the count is a tensor, so one trace
+    serves every count, and the steps are a `tf.while_loop`, not an unrolled graph."""
     step_function = model.train_step
     if model.jit_compile is True:  # one replica: XLA-compile the whole step, as fit does
         step_function = tf.function(model.train_step, jit_compile=True)
 
-    @tf.function
-    def train_function(iterator):
+    def one_step(iterator):
         outputs = strategy.run(step_function, args=(next(iterator),))
         # As Keras's fit: the mean over replicas of each replica's metric results.
         return {k: strategy.reduce("MEAN", v, axis=None) for k, v in outputs.items()}
+
+    @tf.function
+    def train_function(iterator, steps):
+        outputs = one_step(iterator)
+        for _ in tf.range(steps - 1):
+            outputs = one_step(iterator)
+        return outputs
 
     return train_function
 

@@ -114,8 +114,11 @@ class TrainingSummaries(keras.callbacks.Callback):
         self._batches = 0  # since the metrics were reset
         self._window = {}  # name -> (batches, running mean) at the last point
 
+    def on_train_batch_begin(self, batch, logs=None):
+        self._first_batch = batch  # a call of several steps (--steps_per_loop) ends at `batch`
+
     def on_train_batch_end(self, batch, logs=None):
-        self._batches += 1
+        self._batches += batch - self._first_batch + 1
         iteration = loop.iterations(self.model)
         if not loop.reached_multiple(self._last_iteration, iteration, self.log_every):
             return
