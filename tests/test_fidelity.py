@@ -22,7 +22,10 @@ from tf_free import experiment, optimization
 from tf_free import train as train_cli
 from tf_free.free import FreeAdversarialModel, PGDAdversarialModel
 
-CIFAR_FLAGFILES = sorted(glob.glob(os.path.join(REPO, "flags", "cifar*.cfg")))
+# The free-training paper's CIFAR runs (Wong et al.'s PreAct ResNet-18 runs: test_preact_flagfiles).
+CIFAR_FLAGFILES = sorted(
+    f for f in glob.glob(os.path.join(REPO, "flags", "cifar*.cfg")) if "_preact_" not in f
+)
 IMAGENET_FLAGFILES = sorted(glob.glob(os.path.join(REPO, "flags", "imagenet*.cfg")))
 
 
