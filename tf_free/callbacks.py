@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_free import attacks, loop
+from tf_free import attacks, evaluation, loop
 
 EVAL_ATTACKS = ("pgd", "apgd-ce")
 
@@ -17,7 +17,8 @@ EVAL_ATTACKS = ("pgd", "apgd-ce")
 class RobustnessEvaluation(keras.callbacks.Callback):
     """Clean and PGD-K (or APGD-CE) accuracy during training, to `<log_dir>/robustness`.
 
-    Evaluates on `dataset` (the first examples of the evaluation split):
+    Evaluates on `dataset` (the first examples of the evaluation split; without
+    tf.data's autotuning unless its options set it, `evaluation.without_autotune`):
     every `every` passes (Keras's `on_epoch_end`: a pass over the training
     data is Keras's epoch), or with `every_iterations` every that many
     optimizer iterations (in `on_train_batch_end`, at the batch that reaches a
@@ -64,7 +65,8 @@ class RobustnessEvaluation(keras.callbacks.Callback):
         if attack not in EVAL_ATTACKS:
             raise ValueError(f"attack must be one of {EVAL_ATTACKS}, got {attack!r}")
         self.attack = attack
-        self.dataset = dataset
+        # tf.data autotuning's lost wake-up would hold up each evaluation's end (Model::OptimizeLoop in https://github.com/tensorflow/tensorflow/blob/v2.21.0/tensorflow/core/framework/model.cc).
+        self.dataset = evaluation.without_autotune(dataset)
         self.epsilon, self.step_size, self.steps = epsilon, step_size, steps
         self.every = every
         self.every_iterations = every_iterations

@@ -1,5 +1,8 @@
 """Evaluation helpers shared by the CLIs and scripts: attack names, tables, result files.
 
+`without_autotune` is also how `tf_free` keeps tf.data's autotuning from holding up
+the end of a `fit`, a pass or an evaluation (see scripts/fit_stall.py).
+
 Accuracies are fractions in [0, 1] everywhere in the code and the result
 files; only the printed Markdown tables show percentages, as the paper's do.
 """
@@ -10,11 +13,33 @@ import json
 import os
 import time
 
+import tensorflow as tf
+
 from tf_free import attacks, run_lock
 from tf_free.config import ConfigError
 
 # AutoAttack (tf_free.attacks.ensemble) by name: the ensembles and each attack alone.
 AUTOATTACK_NAMES = ("autoattack", "autoattack-fast", *attacks.ensemble.ATTACKS)
+
+
+def without_autotune(dataset):
+    """`dataset` with tf.data's autotuning off, unless its options set it.
+
+    Deleting an iterator of an autotuned dataset (at the end of a `fit`, a pass
+    or an evaluation) can wait until tf.data's autotuning thread next wakes:
+    about half the time on a busy machine, and up to 60 s. Without autotuning,
+    AUTOTUNE parallelism stays at its start value, min(16, CPU cores), and
+    prefetch buffers grow as they need. A dataset whose options set
+    `autotune.enabled` (True keeps autotuning, and the wait), and anything that
+    is not a `tf.data.Dataset` (a `tf.distribute.DistributedDataset`), is
+    returned as it is.
+    """
+    if not isinstance(dataset, tf.data.Dataset) or dataset.options().autotune.enabled is not None:
+        return dataset
+    # The wait: a lost wake-up in Model::OptimizeLoop (https://github.com/tensorflow/tensorflow/blob/v2.21.0/tensorflow/core/framework/model.cc); scripts/fit_stall.py.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
 
 
 def evaluate_attacks(
@@ -33,7 +58,11 @@ def evaluate_attacks(
     its attacks, as `autoattack[apgd-ce]`, ... (cumulative, as AutoAttack
     prints it). If `details` is a dict, it receives {name: {"seconds": ...}}
     and, for AutoAttack names, {"autoattack": the `autoattack_accuracy` result}.
+    `dataset` is read without tf.data's autotuning unless its options set it
+    (`without_autotune`).
     """
+    # tf.data autotuning's lost wake-up would hold up each attack's end (Model::OptimizeLoop in https://github.com/tensorflow/tensorflow/blob/v2.21.0/tensorflow/core/framework/model.cc).
+    dataset = without_autotune(dataset)
     results = {}
     for name in names:
         started = time.time()

@@ -15,7 +15,7 @@ import math
 import keras
 import tensorflow as tf
 
-from tf_free import attacks
+from tf_free import attacks, evaluation
 
 DELTA_PROJECTIONS = ("valid_image", "epsilon_ball")
 ATTACK_BN_MODES = ("train", "inference")
@@ -80,6 +80,12 @@ class _AdversarialModel(keras.Model):
         """
         self.jit_compile = False
         self._xla_per_replica = False
+
+    def fit(self, *args, **kwargs):
+        """Keras's `fit`; a `tf.data.Dataset` as `x` or `validation_data` runs without
+        tf.data's autotuning unless its options set it (`evaluation.without_autotune`)."""
+        call = _fit_arguments(self, args, kwargs)
+        return super().fit(*call.args, **call.kwargs)
 
     def _per_replica(self, fn):
         """`fn` as it runs on each replica: XLA-compiled with "per_replica"."""
@@ -237,9 +243,10 @@ class FreeAdversarialModel(_AdversarialModel):
         `keras.utils.PyDataset` (`x[0]`) or a Python generator (its first batch,
         which is then trained on as usual). For other inputs, call
         `build_perturbation` first. A later `fit` may use batches as large as
-        the first one, not larger.
+        the first one, not larger. A `tf.data.Dataset` runs without tf.data's
+        autotuning unless its options set it (`evaluation.without_autotune`).
         """
-        call = inspect.signature(super().fit).bind(*args, **kwargs)
+        call = _fit_arguments(self, args, kwargs)
         x = call.arguments.get("x")
         if inspect.isgenerator(x):
             first = next(x)
@@ -453,6 +460,16 @@ class PGDAdversarialModel(_AdversarialModel):
             "random_start": self.random_start,
             "attack_bn": self.attack_bn,
         }
+
+
+def _fit_arguments(model, args, kwargs) -> inspect.BoundArguments:
+    """Keras's `fit` arguments, bound; its tf.data datasets without tf.data's autotuning."""
+    call = inspect.signature(super(_AdversarialModel, model).fit).bind(*args, **kwargs)
+    for name in ("x", "validation_data"):
+        if name in call.arguments:
+            # Keras's fit would wait at its end for tf.data autotuning's lost wake-up (Model::OptimizeLoop in https://github.com/tensorflow/tensorflow/blob/v2.21.0/tensorflow/core/framework/model.cc).
+            call.arguments[name] = evaluation.without_autotune(call.arguments[name])
+    return call
 
 
 def _images(batch):
