@@ -99,3 +99,42 @@ def test_logging_overhead_and_fast_training_are_timed(tmp_path):
     assert "of the training steps' (median over rounds; target < 2%)" in done.stdout
     shares = rows["free+log"]["summaries_share_by_repeat"]
     assert len(shares) == 2 and all(share > 0 for share in shares)
+
+
+def test_steps_per_loop_times_n_steps_per_call_against_one(tmp_path):
+    done, report = _benchmark(
+        tmp_path,
+        "--methods=natural,free",
+        "--jit_compile=false",
+        "--steps_per_loop=3",
+        "--repeats=2",
+        "--iterations=2",
+    )
+    rows = {r["method"]: r for r in report["results"]}
+    assert set(rows) == {"natural", "free", "natural*3", "free*3"}
+    # 2 rounds x 2 calls x 3 batches (x 2 replays for free training), against 2 x 2 x 1.
+    assert rows["natural*3"]["optimizer_iterations_timed"] == 12
+    assert rows["free*3"]["optimizer_iterations_timed"] == 24
+    assert rows["free"]["optimizer_iterations_timed"] == 8
+    assert rows["free*3"]["steps_per_loop"] == 3 and rows["free"]["steps_per_loop"] == 1
+    assert "free m=2: 3 steps per call against 1:" in done.stdout
+    assert "ms of dispatch saved per iteration" in done.stdout
+
+
+def test_steps_per_loop_refuses_replicas(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "scripts", "benchmark.py"),
+            "--strategy=mirrored",
+            "--replicas=1",
+            "--steps_per_loop=2",
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert "--steps_per_loop times one replica count, without --replicas" in done.stderr

@@ -443,6 +443,9 @@ def test_imagenet_pipeline_on_mock_data(tmp_path):
     np.testing.assert_array_equal(y1, y_again)
     np.testing.assert_array_equal(e1, e2)
     assert not any(np.array_equal(a, b) for a in x2 for b in x1)  # new crops every epoch
+    # The decoding keeps tf.data's autotuning (the loop turns it off for the other datasets).
+    assert train.options().autotune.enabled is True
+    assert evaluation.options().autotune.enabled is True
     assert sorted(y1.tolist()) == sorted(ey1.tolist())
 
 

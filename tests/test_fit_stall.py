@@ -32,6 +32,7 @@ from tf_free import (
     PGDAdversarialModel,
     callbacks,
     evaluation,
+    loop,
 )
 
 
@@ -165,3 +166,19 @@ def test_the_script_runs_every_path(tmp_path):
         assert len(row["tails"]) == len(row["call_seconds"]) == 2
         assert all(t >= 0 for t in row["tails"])
     assert "| keras.Model.fit, repeated dataset | as it is (before) | 2 |" in done.stdout
+
+
+def test_the_training_loop_iterates_without_autotuning_unless_asked(monkeypatch):
+    """loop.fit's per-pass iterators: autotuning off, but kept where the dataset sets it (the
+    ImageNet pipeline, whose decoding needs it on many-core hosts)."""
+    seen = []
+    strategy = tf.distribute.get_strategy()
+    monkeypatch.setattr(
+        strategy,
+        "experimental_distribute_dataset",
+        lambda dataset: seen.append(dataset.options().autotune.enabled) or dataset,
+    )
+    loop._distribute(strategy, _dataset())
+    loop._distribute(strategy, _autotuned(_dataset()))
+    assert seen == [False, True]
+    # (The ImageNet pipeline sets it: tests/test_data.py, on mock ImageNet.)

@@ -38,6 +38,8 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from tf_free import evaluation
+
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, a checkpoint that cannot be written)."""
@@ -415,6 +417,11 @@ def _distribute(strategy, dataset: tf.data.Dataset):
     replicas' slices, so replica i gets rows [i·b, (i+1)·b) whatever the
     number of workers (and δ's rows mean the same thing in a checkpoint).
     """
+    # Deleting an autotuned iterator (at the end of every pass) can wait up to 60 s for
+    # tf.data's autotuning thread: its lost wake-up in Model::OptimizeLoop
+    # (https://github.com/tensorflow/tensorflow/blob/v2.21.0/tensorflow/core/framework/model.cc;
+    # scripts/fit_stall.py). Off unless the dataset's options set it (ImageNet keeps it).
+    dataset = evaluation.without_autotune(dataset)
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return strategy.experimental_distribute_dataset(dataset)
 

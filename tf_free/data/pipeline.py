@@ -197,7 +197,16 @@ def build_dataset(
             num_parallel_calls=tf.data.AUTOTUNE,
             deterministic=deterministic,
         )
-    return ds.prefetch(tf.data.AUTOTUNE)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    if imagenet:
+        # JPEG decoding needs tf.data's autotuning on many-core hosts, which tf_free's loop
+        # and evaluation otherwise turn off (evaluation.without_autotune): kept on here, it
+        # may hold up the end of a pass by up to 60 s (scripts/fit_stall.py), a small part
+        # of an ImageNet pass.
+        tuned = tf.data.Options()
+        tuned.autotune.enabled = True
+        ds = ds.with_options(tuned)
+    return ds
 
 
 # --------------------------------------------------------------------------
