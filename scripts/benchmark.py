@@ -288,10 +288,12 @@ def run_step(step, iterator, callback=None, steps=1) -> float:
     loop reads them), and then `callback.on_train_batch_end` (the TensorBoard summaries) if
     given."""
     start = time.perf_counter()
+    if callback is not None:
+        callback.on_train_batch_begin(0)  # (the summaries count a call's batches from it)
     logs = {name: float(value) for name, value in step(iterator, steps).items()}
     if callback is not None:
         began = time.perf_counter()
-        callback.on_train_batch_end(0, logs)
+        callback.on_train_batch_end(steps - 1, logs)
         callback.seconds_spent = getattr(callback, "seconds_spent", 0.0) + (
             time.perf_counter() - began
         )
@@ -462,7 +464,7 @@ def time_methods(methods, jit, settings, info, strategy, ds, batch):
                 "xla": xla_label(model),
                 "replicas": replicas,
                 "global_batch": batch,
-                "step_size_255": 255 * model.step_size if method != "natural" else None,
+                "step_size_255": 255 * model.step_size if _base(method) != "natural" else None,
                 "load_average_before": load,
                 "ms_per_iteration": 1e3 * seconds,
                 "ms_per_iteration_repeats": [1e3 * s for s in t["per_iteration"]],

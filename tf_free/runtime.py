@@ -122,6 +122,7 @@ def resolve_jit(setting: str, strategy: tf.distribute.Strategy, method: str = "f
 # estimated time at the flagfiles' batch with XLA and mixed precision: the small CNN ~1-2 ms,
 # PreAct ResNet-18 on CIFAR ~10-15 ms; WRN-32-10 and the ImageNet ResNets take 100 ms or more
 # a step, so one step per call already amortises the dispatch.
+# (Keras's maintainers planned the same rule for fit: https://github.com/tensorflow/tensorflow/pull/41742)
 AUTO_STEPS_PER_LOOP = {"small_cnn": 64, "preact_resnet18": 8}
 
 
