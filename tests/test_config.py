@@ -101,7 +101,8 @@ def test_runtime_settings_are_those_declared_runtime():
     # They may change between a run and its resumption; nothing else may.
     assert config_lib.RUNTIME_FIELDS == {
         "data_dir", "model_dir", "export_dir", "strategy", "jit_compile", "cpu_devices",
-        "deterministic", "checkpoint_every", "overwrite", "allow_large_epsilon", "eval_every",
+        "deterministic", "checkpoint_every", "steps_per_loop", "overwrite", "allow_large_epsilon",
+        "eval_every",
         "eval_attack", "eval_examples", "eval_pgd_steps", "eval_pgd_step_size", "verbose",
         "eval_every_iterations", "log_every",
     }  # fmt: skip
