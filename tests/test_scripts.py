@@ -1,4 +1,4 @@
-"""scripts/reproduce_fashion_mnist.py and scripts/figures.py on run folders, without training."""
+"""scripts/reproduce_fashion_mnist.py and scripts/figures.py on run folders, without training; scripts/time_vs_robustness.py on a tiny sweep."""
 
 import json
 import os
@@ -106,3 +106,37 @@ def test_figures_name_the_missing_runs(tmp_path):
     assert result.returncode == 1
     assert "Fig. 2 needs the trained natural, pgd7, free_m8 model(s)" in result.stderr
     assert "python scripts/reproduce_fashion_mnist.py" in result.stderr
+
+
+def test_time_vs_robustness_trains_evaluates_and_draws_a_tiny_sweep(tmp_path):
+    """scripts/time_vs_robustness.py on 512 training images: the table, the JSON and the
+    figure; every run makes natural training's iterations; a second call reuses the runs."""
+    script = os.path.join(SCRIPTS, "time_vs_robustness.py")
+    flags = [
+        "--budgets=1",
+        "--methods=natural,free_m2,fast_large_alpha_guard",
+        "--train_examples=512",
+        "--test_examples=100",
+        "--autoattack_examples=20",
+        f"--runs={tmp_path / 'runs'}",
+        f"--out={tmp_path / 'out'}",
+    ]
+    result = _run(script, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "out" / "time_vs_robustness.json") as f:
+        points = json.load(f)
+    assert [p["run"] for p in points] == ["natural", "free_m2", "fast_large_alpha_guard"]
+    assert {p["iterations"] for p in points} == {4}  # 512 / 128 batches, replays counted
+    assert all("autoattack" in p and p["examples"]["pgd20"] == 100 for p in points)
+    assert points[2]["fast_step_size_255"] == 51.0 and points[2]["overfit_guard"] == "on"
+    table = (tmp_path / "out" / "time_vs_robustness.md").read_text()
+    assert "| free m=2 | 1 |" in table and "AutoAttack (first 20)" in table
+    assert (tmp_path / "out" / "time_vs_robustness.png").stat().st_size > 10_000
+    again = _run(script, *flags)
+    assert again.returncode == 0 and "training (" not in again.stdout
+
+
+def test_time_vs_robustness_rejects_unknown_methods(tmp_path):
+    result = _run(os.path.join(SCRIPTS, "time_vs_robustness.py"), "--methods=free_m3")
+    assert result.returncode != 0
+    assert "unknown methods ['free_m3']" in result.stderr
