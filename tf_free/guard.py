@@ -109,12 +109,18 @@ class OverfitGuard(keras.callbacks.Callback):
             self.model.stop_training = True
         self._batches = 0
 
+    _first_batch = None  # set by on_train_batch_begin; without it, a call is one batch
+
     def on_train_batch_begin(self, batch, logs=None):
         self._first_batch = batch  # a call of several steps (--steps_per_loop) ends at `batch`
 
+    def _batches_in_call(self, batch) -> int:
+        first, self._first_batch = self._first_batch, None
+        return 1 if first is None else batch - first + 1
+
     def on_train_batch_end(self, batch, logs=None):
         before = self._batches
-        self._batches += batch - self._first_batch + 1
+        self._batches += self._batches_in_call(batch)
         if self.every and loop.reached_multiple(before, self._batches, self.every):
             self._check()
 

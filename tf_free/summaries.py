@@ -114,11 +114,17 @@ class TrainingSummaries(keras.callbacks.Callback):
         self._batches = 0  # since the metrics were reset
         self._window = {}  # name -> (batches, running mean) at the last point
 
+    _first_batch = None  # set by on_train_batch_begin; without it, a call is one batch
+
     def on_train_batch_begin(self, batch, logs=None):
         self._first_batch = batch  # a call of several steps (--steps_per_loop) ends at `batch`
 
+    def _batches_in_call(self, batch) -> int:
+        first, self._first_batch = self._first_batch, None
+        return 1 if first is None else batch - first + 1
+
     def on_train_batch_end(self, batch, logs=None):
-        self._batches += batch - self._first_batch + 1
+        self._batches += self._batches_in_call(batch)
         iteration = loop.iterations(self.model)
         if not loop.reached_multiple(self._last_iteration, iteration, self.log_every):
             return
