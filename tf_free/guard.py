@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import os
 
-import keras
 import tensorflow as tf
 from absl import logging
 
 from tf_free import attacks, loop
 
 
-class OverfitGuard(keras.callbacks.Callback):
+class OverfitGuard(loop.CallCallback):
     """Stops training at a catastrophic drop of PGD-5 accuracy; restores the weights before it.
 
     Args:
@@ -108,15 +107,6 @@ class OverfitGuard(keras.callbacks.Callback):
             logging.warning("%s; training does not go on", self.report)
             self.model.stop_training = True
         self._batches = 0
-
-    _first_batch = None  # set by on_train_batch_begin; without it, a call is one batch
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._first_batch = batch  # a call of several steps (--steps_per_loop) ends at `batch`
-
-    def _batches_in_call(self, batch) -> int:
-        first, self._first_batch = self._first_batch, None
-        return 1 if first is None else batch - first + 1
 
     def on_train_batch_end(self, batch, logs=None):
         before = self._batches

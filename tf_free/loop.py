@@ -444,6 +444,21 @@ def _distribute(strategy, dataset: tf.data.Dataset):
     return strategy.distribute_datasets_from_function(worker_dataset)
 
 
+class CallCallback(keras.callbacks.Callback):
+    """A callback that counts the batches of each call: `loop.fit` with `steps_per_loop`
+    calls `on_train_batch_begin(first)` and `on_train_batch_end(last)` once per call, as
+    Keras does with `steps_per_execution`. Without a begin (driven by hand), one batch."""
+
+    _first_batch = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._first_batch = batch
+
+    def _batches_in_call(self, batch) -> int:
+        first, self._first_batch = self._first_batch, None
+        return 1 if first is None else batch - first + 1
+
+
 def reached_multiple(before: int, after: int, every: int) -> bool:
     """Whether a count going from `before` to `after` reached a multiple of `every`."""
     return after // every > before // every

@@ -57,7 +57,7 @@ def evaluation_tag(attack: str) -> str:
 # --- Training curves -----------------------------------------------------------------
 
 
-class TrainingSummaries(keras.callbacks.Callback):
+class TrainingSummaries(loop.CallCallback):
     """Training scalars every `log_every` optimizer iterations, to `<log_dir>/train`.
 
     Written in `on_train_batch_end` from the logs the step already returns: a
@@ -113,15 +113,6 @@ class TrainingSummaries(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._batches = 0  # since the metrics were reset
         self._window = {}  # name -> (batches, running mean) at the last point
-
-    _first_batch = None  # set by on_train_batch_begin; without it, a call is one batch
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._first_batch = batch  # a call of several steps (--steps_per_loop) ends at `batch`
-
-    def _batches_in_call(self, batch) -> int:
-        first, self._first_batch = self._first_batch, None
-        return 1 if first is None else batch - first + 1
 
     def on_train_batch_end(self, batch, logs=None):
         self._batches += self._batches_in_call(batch)
